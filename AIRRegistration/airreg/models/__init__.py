@@ -1,0 +1,1 @@
+"""The bundled default model (weights + model card); see MODEL_CARD.md."""
