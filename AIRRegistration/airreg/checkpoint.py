@@ -1,0 +1,78 @@
+"""Model files: everything inference needs (networks, grid, preprocessing, calibration) in one file that loads
+without executing code (``torch.load(weights_only=True)``: tensors and plain containers only).
+
+A checkpoint is a dict::
+
+    format: "airreg-checkpoint", format_version: 1, package_version
+    model_config: ModelConfig.to_dict()      train_config: TrainConfig.to_dict()
+    preprocessing: {"mr": NormalizationSpec, "trus": NormalizationSpec} as dicts
+    calibration: Calibration.to_dict() or None
+    generator, discriminator: state dicts
+    optimizer_g, optimizer_d: state dicts (training checkpoints only; stripped from exported models)
+    epoch, step, history (list of per-epoch metric dicts), metadata (free-form strings and numbers)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import ModelError
+from .fileio import atomic_path
+
+FORMAT = "airreg-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_MODEL_NAME = "airnet-phantom-3dof.pt"
+_REQUIRED = ("model_config", "preprocessing", "generator", "discriminator")
+
+
+def default_model_path() -> Path:
+    """The bundled model, trained on synthetic phantoms (see models/MODEL_CARD.md)."""
+    return Path(str(resources.files("airreg.models").joinpath(DEFAULT_MODEL_NAME)))
+
+
+def save(path: str | os.PathLike, checkpoint: dict) -> Path:
+    """Write a checkpoint atomically."""
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__, **checkpoint}
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return Path(path)
+
+
+def load(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check a checkpoint without executing code; ``None`` loads the bundled default model."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    raw = path.read_bytes()
+    try:
+        data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"{path}: refused to load: the file holds objects that would execute code (not a weights-only checkpoint)"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ModelError(f"{path}: corrupt or not a model file ({type(exc).__name__})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"{path}: not an AIRRegistration checkpoint")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelError(f"{path}: checkpoint format {data['format_version']} is newer than this version supports")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ModelError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    data["sha256"] = hashlib.sha256(raw).hexdigest()
+    data["path"] = str(path)
+    return data
+
+
+def export_for_inference(checkpoint: dict) -> dict:
+    """A copy without optimiser state, for shipping a trained model."""
+    drop = {"optimizer_g", "optimizer_d", "sha256", "path", "format", "format_version", "package_version"}
+    return {k: v for k, v in checkpoint.items() if k not in drop}

@@ -1,0 +1,114 @@
+"""Frozen configuration of models and training, with the presets; saved in every checkpoint.
+
+Presets:
+
+* ``paper``   — the paper's size: 256x256 in-plane, 26 slices, 128 filters (needs a GPU to train).
+* ``default`` — 64x64 in-plane at 1.25 mm, 16 slices at 3 mm, 32 filters: trains on a laptop CPU.
+* ``tiny``    — a 24x24x6 grid and 8 filters, for tests and smoke runs only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+
+from .errors import InputError
+from .resampling import GridSpec
+
+#: Rotation (degrees) and translation (mm) ranges of the training perturbations (paper, section 3.1).
+PAPER_ROTATION_DEG = 25.0
+PAPER_TRANSLATION_MM = 5.0
+
+
+class DiscriminatorFakes(str, Enum):
+    """Which misaligned pairs the critic is shown as "fake".
+
+    ``estimates``: only G's outputs (the paper's reading). ``all``: also the perturbed starts, pairs from
+    different cases, swapped modalities and blank TRUS, so that D can flag gross failures (our default).
+    """
+
+    ESTIMATES = "estimates"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and the grid it sees; everything inference needs to rebuild the networks."""
+
+    dof: int = 3
+    grid: GridSpec = field(default_factory=GridSpec)
+    width: int = 32
+    hidden: int = 256
+    bottleneck: int = 8
+
+    def __post_init__(self) -> None:
+        if self.dof not in (3, 6):
+            raise InputError(f"model config: dof must be 3 or 6, got {self.dof}")
+        if isinstance(self.grid, dict):
+            object.__setattr__(self, "grid", GridSpec(**self.grid))
+
+    @property
+    def parameter_scale(self) -> tuple[float, ...]:
+        """Typical magnitude of each parameter (degrees, mm): the generator's output scale."""
+        rot, trans = PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
+        return (rot, trans, trans) if self.dof == 3 else (rot, rot, rot, trans, trans, trans)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return cls(**{**data, "grid": GridSpec(**data["grid"])})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (paper section 2.2 where it states them; our choices documented otherwise)."""
+
+    epochs: int = 40
+    batch_size: int = 32
+    steps_per_epoch: int = 0  # 0: one pass over the training cases per epoch (rounded up to whole batches)
+    lr_g: float = 3e-4
+    lr_d: float = 1e-4
+    n_critic: int = 2  # paper: G is updated once per two D updates
+    clip: float = 0.01  # paper: critic weights clipped to +-0.01 (WGAN)
+    lambda_param: float = 1.0  # weight of the parameter distance in G's loss
+    adversarial_weight: float = 1.0  # weight of -D(x_est) in G's loss
+    rotation_radius_mm: float = 25.0  # converts rotation error (rad) to mm in the parameter distance
+    rotation_deg: float = PAPER_ROTATION_DEG
+    translation_mm: float = PAPER_TRANSLATION_MM
+    d_fakes: DiscriminatorFakes = DiscriminatorFakes.ALL
+    val_fraction: float = 1 / 6  # paper: 5:1 train/validation split, by case
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA only; CPU always runs in float32
+    compile: bool = False  # torch.compile the networks (CUDA)
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        if isinstance(self.d_fakes, str):
+            object.__setattr__(self, "d_fakes", DiscriminatorFakes(self.d_fakes))
+        if self.batch_size < 1 or self.epochs < 1 or self.n_critic < 1:
+            raise InputError("training config: epochs, batch_size and n_critic must be >= 1")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["d_fakes"] = self.d_fakes.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        return cls(**data)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "paper": ModelConfig(grid=GridSpec((26, 256, 256), (3.0, 0.6, 0.6)), width=128),
+    "default": ModelConfig(grid=GridSpec((16, 64, 64), (3.0, 1.25, 1.25)), width=32),
+    "tiny": ModelConfig(grid=GridSpec((6, 24, 24), (6.0, 3.5, 3.5)), width=8, hidden=32),
+}
+
+
+def preset(name: str, dof: int = 3) -> ModelConfig:
+    """The model configuration of a named preset for 3- or 6-DOF."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], dof=dof)

@@ -1,0 +1,74 @@
+"""torch.distributed plumbing for ``airreg train`` under ``torchrun`` (one code path for 1..N processes).
+
+``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables; without them training runs as a
+single process. NCCL is used on CUDA, Gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank, the world size and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without it falls back to CPU with a message."""
+    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}") if requested in ("auto", "cuda") else torch.device(requested)
+    if requested != "auto":
+        print(f"airreg: CUDA was requested ({requested}) but is not available; running on the CPU")
+    return torch.device("cpu")
+
+
+def init(requested_device: str = "auto") -> DistContext:
+    """Join the process group when launched by torchrun; otherwise a single-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(requested_device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world, device)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (a no-op in a single process)."""
+    if ctx.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

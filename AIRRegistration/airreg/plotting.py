@@ -1,0 +1,107 @@
+"""PNG figures: loss curves (paper Fig. 2), fusion overlays (Fig. 3) and TRE / D-score box plots (Fig. 4).
+
+matplotlib is imported inside each function (Agg backend), so the rest of the package never loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, png: Path) -> Path:
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _pyplot().close(fig)
+    return Path(png)
+
+
+def loss_curves(history: Sequence[dict], png: Path) -> Path:
+    """Losses of G and D per epoch, and validation TRE before/after (the paper's Fig. 2, plus TRE)."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("loss_d", "D loss (critic)"), ("loss_adv", "G adversarial loss")):
+        ax1.plot(epochs, [row.get(key, np.nan) for row in history], marker=".", label=label)
+    ax1b = ax1.twinx()
+    ax1b.plot(epochs, [row.get("loss_param", np.nan) for row in history], color="tab:green", marker=".",
+              label="G parameter loss (mm²)")
+    ax1b.set_yscale("log")
+    ax1.set_xlabel("epoch")
+    ax1.set_title("training losses")
+    lines = ax1.get_legend_handles_labels()
+    lines_b = ax1b.get_legend_handles_labels()
+    ax1.legend(lines[0] + lines_b[0], lines[1] + lines_b[1], fontsize=8, loc="upper right")
+    for key, label in (("val_tre_before", "start"), ("val_tre_after", "after one G pass"), ("train_tre", "train (after G)")):
+        ax2.plot(epochs, [row.get(key, np.nan) for row in history], marker=".", label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("TRE (mm)")
+    ax2.set_title("target registration error")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def fusion_panels(
+    mr_slices: Sequence[np.ndarray], trus_slices: Sequence[np.ndarray], titles: Sequence[str], png: Path, suptitle: str = ""
+) -> Path:
+    """Side-by-side fusion views: MR in grey, TRUS in pseudo-colour at half opacity (paper Fig. 3 style).
+
+    Each title is written in the panel's corner (e.g. the D-score of that alignment). Zero TRUS (outside the
+    fan) is transparent.
+    """
+    plt = _pyplot()
+    n = len(mr_slices)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    for ax, mr, trus, title in zip(axes[0], mr_slices, trus_slices, titles, strict=True):
+        ax.imshow(mr, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
+        ax.imshow(np.ma.masked_where(trus <= 0.02, trus), cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
+        ax.text(0.03, 0.97, title, transform=ax.transAxes, va="top", ha="left", color="yellow", fontsize=9,
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 2})
+        ax.set_axis_off()
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def box_plots(groups: dict[str, dict[str, Sequence[float]]], png: Path, title: str = "") -> Path:
+    """One box plot per metric (e.g. ``{"TRE (mm)": {"before": [...], "after": [...]}}``), paper Fig. 4 style."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
+    for ax, (metric, series) in zip(axes[0], groups.items(), strict=True):
+        ax.boxplot([np.asarray(v, float) for v in series.values()], showmeans=True)
+        ax.set_xticks(range(1, len(series) + 1), list(series), rotation=20, ha="right")
+        ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def scatter(x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str, png: Path, title: str = "") -> Path:
+    """A plain scatter plot (e.g. D-score against TRE)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.8))
+    ax.scatter(x, y, s=10, alpha=0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, png)

@@ -1,0 +1,110 @@
+"""From a pair of images to what the networks see, identically in training and at inference.
+
+1. Intensities: each volume is normalised once with :class:`~airreg.intensity.NormalizationSpec`.
+2. MR: sampled onto the network grid (a box in MR space, MR axes, centred on the MR volume) -> (S, H, W).
+3. TRUS: sampled once, through a start transform (the ground truth in training, the initial transform at
+   inference), onto a *cache grid*: the same frame as the network grid but wider, so that every perturbation or
+   estimate can later be applied by sampling the cache through a rigid matrix in the frame (the spatial
+   transformer) without touching the original file again.
+
+The same two-stage sampling is used in training and at inference, so a model sees TRUS with the same
+interpolation history in both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import resampling
+from .geometry import to_world
+from .errors import InputError
+from .intensity import NormalizationSpec
+from .resampling import GridSpec
+
+#: In-plane spacing of the cache grid relative to the network grid; finer keeps the double interpolation sharp.
+CACHE_OVERSAMPLING = 1.25
+#: Margin (mm) around the network grid that the cache covers, for in-plane rotation and translation.
+CACHE_MARGIN_MM = 12.0
+
+
+def cache_spec(grid: GridSpec, dof: int) -> GridSpec:
+    """The TRUS cache grid for a network grid: covers the grid under ±25° rotations and ±5 mm shifts.
+
+    3-DOF moves points only in-plane, so the cache keeps the grid's slices; 6-DOF tilts the grid, so the cache
+    also extends and samples finely along the slice normal.
+    """
+    spacing = grid.spacing[1] / CACHE_OVERSAMPLING
+    half_diagonal = math.hypot(*grid.extent_mm[:2]) / 2
+    n_plane = int(math.ceil(2 * (half_diagonal + CACHE_MARGIN_MM) / spacing)) + 1
+    if dof == 3:
+        return GridSpec((grid.size[0], n_plane, n_plane), (grid.spacing[0], spacing, spacing))
+    z_spacing = min(grid.spacing[0], 2 * spacing)
+    z_extent = grid.extent_mm[2] + 2 * (half_diagonal * math.sin(math.radians(30)) + CACHE_MARGIN_MM)
+    return GridSpec((int(math.ceil(z_extent / z_spacing)) + 1, n_plane, n_plane), (z_spacing, spacing, spacing))
+
+
+@dataclass
+class PreparedPair:
+    """One MR-TRUS pair ready for the networks.
+
+    ``mr``: (S, H, W) on the network grid; ``trus_cache``: (Zc, Yc, Xc) on the cache grid, TRUS brought into
+    MR space through ``start`` (MR->TRUS LPS); ``frame``: the grid's ``frame_to_world``.
+    """
+
+    mr: torch.Tensor
+    trus_cache: torch.Tensor
+    frame: np.ndarray
+    start: np.ndarray
+
+
+def normalized_tensor(image: sitk.Image, spec: NormalizationSpec, modality: str, device, what: str) -> torch.Tensor:
+    """(1, 1, Z, Y, X) float32 tensor of a normalised image."""
+    array = spec.apply(sitk.GetArrayViewFromImage(image), modality, what)
+    return torch.from_numpy(array)[None, None].to(device)
+
+
+def prepare_pair(
+    mr: sitk.Image,
+    trus: sitk.Image,
+    start: np.ndarray,
+    grid: GridSpec,
+    dof: int,
+    normalization: NormalizationSpec,
+    device: torch.device | str = "cpu",
+    center_mm=None,
+) -> PreparedPair:
+    """Normalise and sample an MR-TRUS pair (see module docstring). Raises InputError if they do not overlap."""
+    frame = resampling.mr_frame(mr, center_mm)
+    mr_t = normalized_tensor(mr, normalization, "mr", device, "MR image")
+    trus_t = normalized_tensor(trus, normalization, "trus", device, "TRUS image")
+    mr_to_grid = resampling.grid_to_volume(resampling.index_to_world(mr), np.eye(4), frame)
+    mr_stack = resampling.sample(mr_t, torch.as_tensor(mr_to_grid), grid)[0]
+    cache = cache_spec(grid, dof)
+    trus_to_cache = resampling.grid_to_volume(resampling.index_to_world(trus), start, frame)
+    trus_cache = resampling.sample(trus_t, torch.as_tensor(trus_to_cache), cache)[0]
+    if not bool((trus_cache > 0).any()):
+        raise InputError("the TRUS volume does not overlap the MR field of view under the start transform")
+    return PreparedPair(mr_stack, trus_cache, frame, np.asarray(start, dtype=float))
+
+
+def cache_to_index(grid: GridSpec, dof: int) -> np.ndarray:
+    """4x4 ``L`` mapping frame mm to cache voxel indices (for :func:`resampling.sample` on the cache)."""
+    return np.linalg.inv(cache_spec(grid, dof).index_to_frame())
+
+
+def sample_trus(
+    trus_cache: torch.Tensor, grid: GridSpec, dof: int, transform_in_frame: torch.Tensor | None
+) -> torch.Tensor:
+    """Sample (B, 1, Zc, Yc, Xc) TRUS caches onto the network grid through (B, 4, 4) frame transforms."""
+    lmat = torch.as_tensor(cache_to_index(grid, dof), device=trus_cache.device)
+    return resampling.sample(trus_cache, lmat, grid, transform_in_frame)
+
+
+def frame_transform_to_world(pair: PreparedPair, transform_in_frame: np.ndarray) -> np.ndarray:
+    """MR->TRUS LPS matrix of ``start ∘ (frame transform)``: where an estimate in the grid frame lands."""
+    return pair.start @ to_world(np.asarray(transform_in_frame, dtype=float), pair.frame)

@@ -1,0 +1,158 @@
+"""Turning the critic's raw value into something a clinician can act on.
+
+The WGAN critic's output is not a probability. On validation cases we record pairs (critic value, TRE) for
+alignments ranging from exact to grossly wrong and store them in the checkpoint; from them:
+
+* ``expected_tre_mm`` — a monotone (non-increasing) isotonic fit of TRE against the critic value;
+* ``p_failure(tol)`` — P(TRE > tol | critic), a one-dimensional logistic fit made for the tolerance the user
+  chooses (default 5 mm), so the warning threshold follows from the tolerance;
+* the displayed D-score — ``sigmoid((critic - mid) / scale)``, with ``mid`` and ``scale`` the median and spread
+  of the calibration critic values: a number in (0, 1), higher meaning better aligned.
+
+A pair is flagged ("warning") when ``p_failure >= 0.5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_TOLERANCE_MM = 5.0
+
+
+def isotonic_decreasing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares non-increasing fit of y on x (pool adjacent violators); returns knots (x, fitted y)."""
+    order = np.argsort(x, kind="stable")
+    xs, ys = np.asarray(x, float)[order], -np.asarray(y, float)[order]
+    means, weights, counts = [], [], []
+    for value in ys:  # fit non-decreasing on -y
+        means.append(value)
+        weights.append(1.0)
+        counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            w = weights[-2] + weights[-1]
+            m = (means[-2] * weights[-2] + means[-1] * weights[-1]) / w
+            c = counts[-2] + counts[-1]
+            means[-2:], weights[-2:], counts[-2:] = [m], [w], [c]
+    fitted = -np.repeat(means, counts)
+    return xs, fitted
+
+
+def logistic_fit(x: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 50) -> tuple[float, float]:
+    """(a, b) of P(label=1 | x) = sigmoid(a + b x) by Newton's method with a small ridge penalty."""
+    x = np.asarray(x, float)
+    yl = np.asarray(labels, float)
+    mu, sd = x.mean(), x.std() or 1.0
+    z = (x - mu) / sd
+    design = np.stack([np.ones_like(z), z], axis=1)
+    w = np.zeros(2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(design @ w)))
+        grad = design.T @ (p - yl) + l2 * w
+        hess = design.T @ (design * (p * (1 - p))[:, None]) + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0] - w[1] * mu / sd), float(w[1] / sd)
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (Mann-Whitney, ties count half)."""
+    s = np.asarray(scores, float)
+    p = np.asarray(positives, bool)
+    n_pos, n_neg = p.sum(), (~p).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(s)
+    return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    sorted_vals = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data of one model: critic values and the TRE (mm) they were observed with."""
+
+    critic: tuple[float, ...]
+    tre_mm: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.critic) != len(self.tre_mm) or len(self.critic) < 4:
+            raise ValueError("calibration needs at least 4 (critic, TRE) pairs of equal length")
+
+    @property
+    def _knots(self) -> tuple[np.ndarray, np.ndarray]:
+        return isotonic_decreasing(np.array(self.critic), np.array(self.tre_mm))
+
+    def expected_tre_mm(self, critic: float) -> float:
+        """Expected TRE for a critic value (isotonic fit, constant beyond the calibrated range)."""
+        xs, fitted = self._knots
+        return float(np.interp(critic, xs, fitted))
+
+    def p_failure(self, critic: float, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> float:
+        """P(TRE > tolerance | critic) from a logistic fit on the calibration pairs."""
+        labels = np.array(self.tre_mm) > tolerance_mm
+        if labels.all() or not labels.any():
+            return float(labels.all())
+        a, b = logistic_fit(np.array(self.critic), labels)
+        return float(1.0 / (1.0 + np.exp(-(a + b * critic))))
+
+    def d_score(self, critic: float) -> float:
+        """Displayed D-score in (0, 1): the critic value standardised on the calibration set, through a sigmoid."""
+        c = np.array(self.critic)
+        scale = float(np.subtract(*np.percentile(c, [75, 25]))) or 1.0
+        return float(1.0 / (1.0 + np.exp(-(critic - float(np.median(c))) / scale)))
+
+    def to_dict(self) -> dict:
+        return {"critic": [float(v) for v in self.critic], "tre_mm": [float(v) for v in self.tre_mm]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        return cls(tuple(data["critic"]), tuple(data["tre_mm"]))
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """The quality verdict on one alignment."""
+
+    critic: float
+    d_score: float
+    estimated_tre_mm: float
+    p_failure: float
+    tolerance_mm: float
+    warning: str | None
+
+    @property
+    def quality(self) -> str:
+        return "warning" if self.warning else "ok"
+
+
+def assess(
+    critic: float, calibration: Calibration, tolerance_mm: float = DEFAULT_TOLERANCE_MM, overlap: float = 1.0
+) -> QualityResult:
+    """Quality verdict from a critic value; ``overlap`` is the fraction of the grid the TRUS covers."""
+    tre = calibration.expected_tre_mm(critic)
+    p_fail = calibration.p_failure(critic, tolerance_mm)
+    warning = None
+    if overlap < 0.2:
+        warning = f"the TRUS covers only {overlap:.0%} of the MR field of view: check the inputs and the initial transform"
+    elif p_fail >= 0.5:
+        warning = (
+            f"alignment looks poor: estimated error {tre:.1f} mm, P(error > {tolerance_mm:g} mm) = {p_fail:.2f}; "
+            "review it before use"
+        )
+    return QualityResult(critic, calibration.d_score(critic), tre, p_fail, tolerance_mm, warning)

@@ -1,0 +1,238 @@
+"""Registering an MR-TRUS pair with a trained AIR-net and judging the result: the Python API behind
+``airreg register`` / ``airreg score`` and the Slicer module.
+
+``Registrar.register`` starts from an initial MR->TRUS transform (default: volume centres aligned), runs G, and
+optionally iterates — G again from its own result, D judging every step, the best-scored step kept (the paper's
+"use both networks iteratively"). The quality verdict comes from the calibrated critic (:mod:`airreg.quality`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import checkpoint as ckpt
+from . import preprocessing, resampling
+from .config import ModelConfig
+from .distributed import select_device
+from .errors import InputError, ModelError
+from .geometry import check_rigid, lps_resampling_to_ras_modeling
+from .intensity import NormalizationSpec
+from .networks import Discriminator, Generator
+from .quality import DEFAULT_TOLERANCE_MM, Calibration, QualityResult, assess
+
+Progress = Callable[[float, str], None]
+
+#: Iterations stop once an update moves points by less than this (mm, at the rotation radius).
+CONVERGED_MM = 0.05
+
+
+def centers_aligned(mr: sitk.Image, trus: sitk.Image) -> np.ndarray:
+    """MR->TRUS translation that maps the MR volume centre onto the TRUS volume centre (the default start)."""
+    m = np.eye(4)
+    m[:3, 3] = resampling.physical_center(trus) - resampling.physical_center(mr)
+    return m
+
+
+@dataclass
+class RegistrationResult:
+    """Outcome of one registration; matrices are MR->TRUS LPS resampling transforms (see geometry.py)."""
+
+    mr_to_trus: np.ndarray
+    initial: np.ndarray
+    before: QualityResult
+    after: QualityResult
+    steps: list[dict]
+    timings: dict[str, float]
+    model: str
+    model_sha256: str
+    device: str
+    selected_step: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def to_parent_ras(self) -> np.ndarray:
+        """Slicer's modeling matrix for the TRUS volume ("transform to parent", RAS)."""
+        return lps_resampling_to_ras_modeling(self.mr_to_trus)
+
+    @property
+    def d_score_before(self) -> float:
+        return self.before.d_score
+
+    @property
+    def d_score(self) -> float:
+        return self.after.d_score
+
+    @property
+    def estimated_tre_mm(self) -> float:
+        return self.after.estimated_tre_mm
+
+    @property
+    def quality(self) -> str:
+        return self.after.quality
+
+    @property
+    def warning(self) -> str | None:
+        return self.after.warning
+
+    @property
+    def seconds(self) -> float:
+        return self.timings["total"]
+
+    def report(self, transform_file: str | None = None) -> dict:
+        """JSON-ready summary (the ``--report`` file of ``airreg register``)."""
+        return {
+            "d_score_before": self.d_score_before,
+            "d_score": self.d_score,
+            "estimated_tre_mm_before": self.before.estimated_tre_mm,
+            "estimated_tre_mm": self.estimated_tre_mm,
+            "p_error_above_tolerance": self.after.p_failure,
+            "tolerance_mm": self.after.tolerance_mm,
+            "quality": self.quality,
+            "warning": self.warning,
+            "transform_file": transform_file,
+            "transform_convention": "ITK resampling transform, LPS mm, maps MR (fixed) points to TRUS (moving) points",
+            "mr_to_trus_lps": self.mr_to_trus.tolist(),
+            "slicer_to_parent_ras": self.to_parent_ras.tolist(),
+            "initial_mr_to_trus_lps": self.initial.tolist(),
+            "iterations": self.steps,
+            "selected_step": self.selected_step,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "device": self.device,
+            "seconds": self.seconds,
+            "timings_s": self.timings,
+            **self.extra,
+        }
+
+
+class Registrar:
+    """A loaded AIR-net model ready to register and score MR-TRUS pairs."""
+
+    def __init__(
+        self,
+        state: dict,
+        device: str = "auto",
+        iterations: int = 1,
+        tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    ) -> None:
+        where = state.get("path", "model")
+        if iterations < 1:
+            raise InputError(f"iterations must be >= 1, got {iterations}")
+        if not tolerance_mm > 0:
+            raise InputError(f"tolerance must be > 0 mm, got {tolerance_mm}")
+        if state.get("calibration") is None:
+            raise ModelError(f"{where}: the model has no quality calibration (train it to the end with airreg train)")
+        try:
+            self.config = ModelConfig.from_dict(state["model_config"])
+            self.normalization = NormalizationSpec.from_dict(state["preprocessing"]["normalization"])
+            self.calibration = Calibration.from_dict(state["calibration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: model configuration is incomplete or invalid ({exc})") from exc
+        self.device = select_device(device)
+        self.g, self.d = Generator(self.config), Discriminator(self.config)
+        try:
+            self.g.load_state_dict(state["generator"])
+            self.d.load_state_dict(state["discriminator"])
+        except (RuntimeError, KeyError) as exc:
+            raise ModelError(f"{where}: weights do not match the model configuration stored in the file") from exc
+        self.g.to(self.device).eval()
+        self.d.to(self.device).eval()
+        self.iterations, self.tolerance_mm = iterations, tolerance_mm
+        self.model_id = Path(where).name
+        self.model_sha256 = state.get("sha256", "")
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path | None = None, device: str = "auto", iterations: int = 1,
+        tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    ) -> Registrar:
+        """Load a model file (``None``: the bundled model trained on synthetic phantoms)."""
+        return cls(ckpt.load(path), device, iterations, tolerance_mm)
+
+    # -- the steps
+
+    def prepare(self, mr: sitk.Image, trus: sitk.Image, start: np.ndarray) -> preprocessing.PreparedPair:
+        start = check_rigid(start, "initial transform")
+        return preprocessing.prepare_pair(mr, trus, start, self.config.grid, self.config.dof, self.normalization, self.device)
+
+    def _sample(self, pair: preprocessing.PreparedPair, transforms: torch.Tensor) -> torch.Tensor:
+        trus = pair.trus_cache[None, None].expand(transforms.shape[0], 1, *pair.trus_cache.shape)
+        return preprocessing.sample_trus(trus, self.config.grid, self.config.dof, transforms)
+
+    @torch.no_grad()
+    def _critic(self, pair: preprocessing.PreparedPair, transforms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Critic values and TRUS coverage of the grid for (B, 4, 4) frame transforms."""
+        x = self._sample(pair, transforms)
+        mr = pair.mr[None].expand(x.shape[0], *pair.mr.shape)
+        coverage = (x > 0).float().mean(dim=(1, 2, 3))
+        return self.d(mr, x).cpu().numpy(), coverage.cpu().numpy()
+
+    def _verdict(self, critic: float, coverage: float) -> QualityResult:
+        return assess(critic, self.calibration, self.tolerance_mm, coverage)
+
+    @torch.no_grad()
+    def register(
+        self, mr: sitk.Image, trus: sitk.Image, initial: np.ndarray | None = None, progress: Progress | None = None
+    ) -> RegistrationResult:
+        """Register TRUS (moving) to MR (fixed); ``initial`` is an MR->TRUS LPS matrix (default: centres aligned)."""
+        report = progress or (lambda fraction, message: None)
+        t0 = time.perf_counter()
+        start = centers_aligned(mr, trus) if initial is None else np.asarray(initial, dtype=float)
+        report(0.05, "resampling")
+        pair = self.prepare(mr, trus, start)
+        t1 = time.perf_counter()
+        eye = torch.eye(4, device=self.device)[None]
+        current = eye
+        candidates, steps = [eye], []
+        for i in range(self.iterations):
+            report(0.1 + 0.8 * i / self.iterations, f"generator pass {i + 1} of {self.iterations}")
+            x = self._sample(pair, current)
+            update = resampling.rigid_matrices(self.g(pair.mr[None], x), self.config.dof)
+            current = current @ update
+            candidates.append(current)
+            moved = _update_size_mm(update[0].cpu().numpy())
+            steps.append({"step": i + 1, "update_mm": moved})
+            if moved < CONVERGED_MM:
+                break
+        t2 = time.perf_counter()
+        report(0.92, "scoring")
+        critic, coverage = self._critic(pair, torch.cat(candidates))
+        # step 0 is the start; the best-scored estimate is kept (a single pass keeps G's estimate)
+        best = 1 + int(np.argmax(critic[1:])) if self.iterations > 1 else 1
+        for step, c in zip(steps, critic[1:], strict=False):
+            step["d_score"] = self._verdict(float(c), 1.0).d_score
+        t3 = time.perf_counter()
+        transform_in_frame = candidates[best][0].double().cpu().numpy()
+        result = RegistrationResult(
+            mr_to_trus=preprocessing.frame_transform_to_world(pair, transform_in_frame),
+            initial=start,
+            before=self._verdict(float(critic[0]), float(coverage[0])),
+            after=self._verdict(float(critic[best]), float(coverage[best])),
+            steps=steps,
+            timings={"resampling": t1 - t0, "generator": t2 - t1, "discriminator": t3 - t2, "total": t3 - t0},
+            model=self.model_id,
+            model_sha256=self.model_sha256,
+            device=str(self.device),
+            selected_step=best,
+        )
+        report(1.0, "done")
+        return result
+
+    def score(self, mr: sitk.Image, trus: sitk.Image, transform: np.ndarray) -> QualityResult:
+        """Quality verdict on any given MR->TRUS LPS alignment (manual, another tool's, ...)."""
+        pair = self.prepare(mr, trus, transform)
+        critic, coverage = self._critic(pair, torch.eye(4, device=self.device)[None])
+        return self._verdict(float(critic[0]), float(coverage[0]))
+
+
+def _update_size_mm(matrix: np.ndarray, radius_mm: float = 25.0) -> float:
+    """How far a frame transform moves a point at ``radius_mm`` from the grid centre, at most (approximately)."""
+    angle = np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1.0, 1.0))
+    return float(np.linalg.norm(matrix[:3, 3]) + angle * radius_mm)

@@ -1,0 +1,189 @@
+"""Batched, differentiable resampling of volumes onto the network grid (the spatial transformer).
+
+This is the only module that calls ``affine_grid`` / ``grid_sample``. Conventions:
+
+* A volume tensor has shape (B, 1, Z, Y, X): index order (k, j, i) as SimpleITK's ``GetArrayFromImage``.
+* Geometric matrices are 4x4 and act on column vectors of *voxel indices* ``(i, j, k, 1)`` (x fastest), or on
+  LPS millimetres; names say which (``index_to_world``, ``grid_to_volume``).
+* The network grid is a box in MR space: axes = the MR volume's direction columns, origin = the grid centre,
+  ``size = (slices, rows, cols)`` and ``spacing = (slice, row, col)`` in mm. Slices become channels: the output
+  of :func:`sample` has shape (B, slices, rows, cols), the paper's multi-channel 2D image.
+* ``align_corners=True``: voxel centres of the first and last index map to -1 and +1, so a voxel index maps to
+  normalised coordinates by ``u = 2 i / (n - 1) - 1``; points outside the volume read 0 (zeros padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from . import geometry
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The network's sampling grid, in the frame of the MR volume (see module docstring)."""
+
+    size: tuple[int, int, int] = (16, 64, 64)
+    spacing: tuple[float, float, float] = (3.0, 1.25, 1.25)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        if any(v < 2 for v in self.size) or any(v <= 0 for v in self.spacing):
+            raise ValueError(f"GridSpec: size must be >= 2 and spacing > 0, got {self.size}, {self.spacing}")
+
+    @property
+    def extent_mm(self) -> np.ndarray:
+        """Extent (x, y, z) in mm between the first and last voxel centres."""
+        return (np.array(self.size[::-1]) - 1) * np.array(self.spacing[::-1])
+
+    def index_to_frame(self) -> np.ndarray:
+        """4x4 mapping a grid index (i=col, j=row, k=slice) to frame mm, with the grid centre at 0."""
+        spacing_xyz = np.array(self.spacing[::-1])
+        return geometry.homogeneous(np.diag(spacing_xyz), -self.extent_mm / 2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def index_to_world(image: sitk.Image) -> np.ndarray:
+    """4x4 mapping a voxel index (i, j, k) of a SimpleITK image to LPS mm."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    return geometry.homogeneous(direction * spacing, image.GetOrigin())
+
+
+def physical_center(image: sitk.Image) -> np.ndarray:
+    """LPS centre of an image's voxel box (midway between the first and last voxel centres)."""
+    return geometry.apply(index_to_world(image), (np.asarray(image.GetSize(), dtype=float) - 1) / 2)
+
+
+def mr_frame(mr: sitk.Image, center_mm=None) -> np.ndarray:
+    """``frame_to_world`` of the network grid: MR direction axes, origin at ``center_mm`` (default: MR centre).
+
+    The MR direction is orthonormalised (SVD) so that tiny rounding in the file does not make the frame
+    non-rigid.
+    """
+    u, _, vt = np.linalg.svd(np.asarray(mr.GetDirection(), dtype=float).reshape(3, 3))
+    axes = u @ vt
+    if np.linalg.det(axes) < 0:  # a left-handed MR index frame: flip the slice axis to keep a proper rotation
+        axes[:, 2] *= -1
+    center = physical_center(mr) if center_mm is None else np.asarray(center_mm, dtype=float)
+    return geometry.frame(axes, center)
+
+
+def grid_to_volume(volume_index_to_world: np.ndarray, mr_to_volume: np.ndarray, frame_to_world: np.ndarray) -> np.ndarray:
+    """4x4 ``L`` with ``volume_index = L @ frame_mm``: frame mm -> MR world -> volume world -> volume index.
+
+    The full sampling map of a grid index is ``L @ M @ spec.index_to_frame()``, where ``M`` is a transform
+    estimated in the grid frame (identity for the start position).
+    """
+    return np.linalg.inv(volume_index_to_world) @ mr_to_volume @ frame_to_world
+
+
+def _index_to_normalized(size_xyz) -> torch.Tensor:
+    """4x4 mapping voxel indices (i, j, k) to ``grid_sample``'s normalised coordinates (align_corners=True)."""
+    n = torch.as_tensor(size_xyz, dtype=torch.float64)
+    scale = 2.0 / torch.clamp(n - 1, min=1)
+    m = torch.eye(4, dtype=torch.float64)
+    m[:3, :3] = torch.diag(scale)
+    m[:3, 3] = -1.0
+    return m
+
+
+def sample(
+    volume: torch.Tensor,
+    grid_to_volume_mm: torch.Tensor,
+    spec: GridSpec,
+    transform_in_frame: torch.Tensor | None = None,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Sample volumes onto the network grid through an optional (differentiable) transform in the grid frame.
+
+    Args:
+        volume: (B, 1, Z, Y, X) or (1, 1, Z, Y, X) broadcast over the batch; any float dtype.
+        grid_to_volume_mm: (B, 4, 4) or (4, 4) matrices ``L`` from :func:`grid_to_volume`.
+        spec: the output grid.
+        transform_in_frame: (B, 4, 4) rigid matrices ``M`` in the grid frame (e.g. from
+            :func:`rigid_matrices`), or None for the identity. Gradients flow through it.
+        mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+
+    Returns:
+        (B, slices, rows, cols) in ``volume``'s dtype: slices as channels.
+    """
+    device, dtype = volume.device, volume.dtype
+    lmat = torch.as_tensor(grid_to_volume_mm, device=device, dtype=torch.float32)
+    if lmat.ndim == 2:
+        lmat = lmat.unsqueeze(0)
+    batch = max(volume.shape[0], lmat.shape[0], 1 if transform_in_frame is None else transform_in_frame.shape[0])
+    grid_index = torch.as_tensor(spec.index_to_frame(), device=device, dtype=torch.float32)
+    full = lmat @ grid_index if transform_in_frame is None else lmat @ transform_in_frame.float() @ grid_index
+    to_norm = _index_to_normalized(volume.shape[-3:][::-1]).to(device=device, dtype=torch.float32)
+    from_norm = torch.linalg.inv(_index_to_normalized(spec.size[::-1])).to(device=device, dtype=torch.float32)
+    theta = (to_norm @ full @ from_norm)[:, :3, :].expand(batch, 3, 4)
+    # affine_grid wants output size (B, C, D, H, W); its grid's last axis is (x, y, z) = (i, j, k)
+    coords = F.affine_grid(theta, [batch, 1, *spec.size], align_corners=True)
+    vol = volume.expand(batch, *volume.shape[1:]) if volume.shape[0] == 1 else volume
+    out = F.grid_sample(vol, coords.to(dtype), mode=mode, padding_mode="zeros", align_corners=True)
+    return out[:, 0]  # (B, D, H, W)
+
+
+def rigid_matrices(params: torch.Tensor, dof: int) -> torch.Tensor:
+    """(B, 4, 4) rigid matrices from (B, dof) parameters, as ``geometry.RigidTransform.from_vector`` (centre 0).
+
+    3-DOF: (γ° about z, tx, ty); 6-DOF: (α°, β°, γ°, tx, ty, tz) with ``R = Rz Ry Rx``.
+    """
+    b = params.shape[0]
+    zeros = params.new_zeros(b)
+    if dof == 3:
+        angles = torch.stack([zeros, zeros, params[:, 0]], dim=1)
+        trans = torch.stack([params[:, 1], params[:, 2], zeros], dim=1)
+    elif dof == 6:
+        angles, trans = params[:, :3], params[:, 3:]
+    else:
+        raise ValueError(f"dof must be 3 or 6, got {dof}")
+    a, bt, g = torch.deg2rad(angles).unbind(1)
+    ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), bt.cos(), bt.sin(), g.cos(), g.sin()
+    rot = torch.stack(
+        [
+            torch.stack([cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa], 1),
+            torch.stack([sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa], 1),
+            torch.stack([-sb, cb * sa, cb * ca], 1),
+        ],
+        1,
+    )
+    top = torch.cat([rot, trans.unsqueeze(2)], dim=2)
+    bottom = params.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(b, 1, 4)
+    return torch.cat([top, bottom], dim=1)
+
+
+def matrix_params(matrices: torch.Tensor, dof: int) -> torch.Tensor:
+    """(B, dof) parameters of (B, 4, 4) rigid matrices; inverse of :func:`rigid_matrices` (|β| < 90°)."""
+    r, t = matrices[:, :3, :3], matrices[:, :3, 3]
+    gamma = torch.rad2deg(torch.atan2(r[:, 1, 0], r[:, 0, 0]))
+    if dof == 3:
+        return torch.stack([gamma, t[:, 0], t[:, 1]], dim=1)
+    alpha = torch.rad2deg(torch.atan2(r[:, 2, 1], r[:, 2, 2]))
+    beta = torch.rad2deg(torch.asin(torch.clamp(-r[:, 2, 0], -1.0, 1.0)))
+    return torch.cat([torch.stack([alpha, beta, gamma], dim=1), t], dim=1)
+
+
+def invert_rigid(matrices: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of (B, 4, 4) rigid matrices."""
+    rt = matrices[:, :3, :3].transpose(1, 2)
+    out = torch.zeros_like(matrices)
+    out[:, :3, :3] = rt
+    out[:, :3, 3] = -(rt @ matrices[:, :3, 3:4])[..., 0]
+    out[:, 3, 3] = 1.0
+    return out
+
+
+def image_tensor(image: sitk.Image, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """(1, 1, Z, Y, X) tensor of a SimpleITK image's voxels."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return torch.from_numpy(array)[None, None].to(device=device, dtype=dtype)

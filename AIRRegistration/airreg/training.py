@@ -1,0 +1,508 @@
+"""Adversarial training of AIR-net (paper section 2.2), one code path for 1..N processes (torchrun).
+
+Per iteration, for a batch of cases with their TRUS cached in MR space (see :mod:`airreg.preprocessing`):
+
+* draw a random rigid perturbation ``P`` in the grid frame (±25°, ±5 mm; 3-DOF axial or 6-DOF) on the device;
+  the start pair is ``x_start = (MR, TRUS ∘ P)``, the aligned pair ``x_gt = (MR, TRUS)``;
+* G estimates θ from ``x_start``; the estimate pair is ``x_est = (MR, TRUS ∘ P ∘ M(θ))``, resampled inside the
+  graph (spatial transformer), so G's loss is differentiable through the resampling;
+* the critic D is updated ``n_critic`` (2) times with ``L_D = mean D(fakes) - mean D(x_gt)`` and its weights
+  clipped to ±0.01 (WGAN); fakes are G's estimates and, with ``d_fakes=all`` (our default, see
+  :class:`~airreg.config.DiscriminatorFakes`), also the perturbed starts, pairs of different cases, swapped
+  modalities and blank TRUS, so that the D-score flags gross failures;
+* G is updated with ``L_G = -w_adv · mean D(x_est) + λ · ‖θ - θ*‖²``, θ* = parameters of ``P⁻¹``, where the
+  rotation error (radians) is multiplied by ``rotation_radius_mm`` so that every term is a distance in mm.
+
+Perturbations and batches are drawn from a generator seeded by (seed, epoch, step) for the *global* batch and
+then split by rank, so the same seed gives the same perturbations for any world size and ``--resume`` continues
+exactly. Only rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import data, distributed, preprocessing, resampling
+from .config import DiscriminatorFakes, ModelConfig, TrainConfig
+from .errors import InputError, ModelError
+from .fileio import atomic_write, write_text
+from .geometry import apply, invert
+from .intensity import NormalizationSpec
+from .networks import Discriminator, Generator
+from .quality import Calibration
+
+#: TRE recorded for calibration pairs with no meaningful alignment (other patient, blank TRUS).
+GROSS_FAILURE_TRE_MM = 30.0
+#: Number of target points per case for transform-derived TRE when a case has no landmarks.
+MASK_POINTS = 16
+
+
+# --- the preprocessed-case cache ---------------------------------------------------------------------
+
+
+@dataclass
+class CaseCache:
+    """Preprocessed cases as (memory-mapped) arrays shared by all ranks.
+
+    ``mr``: (N, S, H, W) float16; ``trus``: (N, Zc, Yc, Xc) float16 (TRUS aligned into the grid frame by the
+    ground truth); ``points``: (N, K, 3) float32 target points in the grid frame (mm), NaN-padded.
+    """
+
+    ids: list[str]
+    mr: np.ndarray
+    trus: np.ndarray
+    points: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mr (B,S,H,W), trus (B,1,Zc,Yc,Xc), points (B,K,3)) as float32 tensors on ``device``."""
+        order = np.sort(index)  # memmaps read faster in order; restore the requested order afterwards
+        back = np.argsort(np.argsort(index))
+        mr = torch.from_numpy(np.asarray(self.mr[order], dtype=np.float32)[back])
+        trus = torch.from_numpy(np.asarray(self.trus[order], dtype=np.float32)[back])
+        pts = torch.from_numpy(np.asarray(self.points[order], dtype=np.float32)[back])
+        return mr.to(device), trus[:, None].to(device), pts.to(device)
+
+
+def target_points(case: data.Case, frame: np.ndarray, seed: int) -> np.ndarray:
+    """(K, 3) TRE target points in the grid frame: the MR landmarks, else points in the MR gland mask."""
+    if case.landmarks_mr is not None and len(case.landmarks_mr):
+        world = case.landmarks_mr
+    elif case.mr_mask is not None:
+        world = data.points_in_mask(case.mr_mask, MASK_POINTS, seed)
+    else:  # no landmarks, no mask: points on a 20 mm sphere around the grid centre
+        rng = np.random.default_rng(seed)
+        v = rng.normal(size=(MASK_POINTS, 3))
+        return (20.0 * v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    return apply(invert(frame), world).astype(np.float32)
+
+
+def build_cache(
+    cases: Sequence[data.Case], model: ModelConfig, normalization: NormalizationSpec, folder: Path, progress: bool
+) -> CaseCache:
+    """Preprocess cases (ground truth as start) and write them as .npy files in ``folder``; returns the memmaps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mr_list, trus_list, pts_list = [], [], []
+    for i, case in enumerate(tqdm(cases, desc="preprocessing", disable=not progress, unit="case")):
+        if case.gt is None:
+            raise InputError(f"{case.folder or case.case_id}: training needs a ground-truth transform (gt.tfm)")
+        pair = preprocessing.prepare_pair(case.mr, case.trus, case.gt, model.grid, model.dof, normalization)
+        mr_list.append(pair.mr.numpy().astype(np.float16))
+        trus_list.append(pair.trus_cache.numpy().astype(np.float16))
+        pts_list.append(target_points(case, pair.frame, seed=i))
+    k = max(len(p) for p in pts_list)
+    points = np.full((len(cases), k, 3), np.nan, dtype=np.float32)
+    for i, p in enumerate(pts_list):
+        points[i, : len(p)] = p
+    arrays = {"mr": np.stack(mr_list), "trus": np.stack(trus_list), "points": points}
+    for name, array in arrays.items():
+        with open(folder / f".{name}.tmp.npy", "wb") as fh:
+            np.save(fh, array)
+        (folder / f".{name}.tmp.npy").replace(folder / f"{name}.npy")
+    write_text(folder / "ids.json", json.dumps([c.case_id for c in cases]))
+    return open_cache(folder)
+
+
+def open_cache(folder: Path) -> CaseCache:
+    """Memory-map a cache written by :func:`build_cache` (no copy per rank)."""
+    ids = json.loads((folder / "ids.json").read_text())
+    load = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("mr", "trus", "points")}
+    return CaseCache(ids, load["mr"], load["trus"], load["points"])
+
+
+def cache_key(model: ModelConfig, normalization: NormalizationSpec, ids: Sequence[str]) -> str:
+    """A short hash of what a cache depends on, so a stale cache is never reused."""
+    text = json.dumps([model.to_dict(), normalization.to_dict(), list(ids)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- perturbations, batches and losses ---------------------------------------------------------------
+
+
+def step_generator(seed: int, epoch: int, step: int, sub: int = 0) -> torch.Generator:
+    """A CPU generator for one (epoch, step, sub-step): identical on every rank and on resume."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch * 10_007 + step * 17 + sub)
+
+
+def draw_perturbations(gen: torch.Generator, n: int, dof: int, rotation_deg: float, translation_mm: float) -> torch.Tensor:
+    """(n, dof) parameters uniform in ±rotation_deg / ±translation_mm (3-DOF: γ, tx, ty)."""
+    u = torch.rand(n, dof, generator=gen) * 2 - 1
+    scale = torch.tensor([rotation_deg] * (1 if dof == 3 else 3) + [translation_mm] * (2 if dof == 3 else 3))
+    return u * scale
+
+
+def shard(values: torch.Tensor | np.ndarray, ctx: distributed.DistContext):
+    """This rank's contiguous share of a global batch (equal shares; the global batch is a multiple of world)."""
+    per_rank = len(values) // ctx.world_size
+    return values[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+
+
+def parameter_distance(theta: torch.Tensor, target: torch.Tensor, dof: int, radius_mm: float) -> torch.Tensor:
+    """Mean over the batch of the squared parameter error, rotations converted to mm at ``radius_mm``."""
+    n_rot = 1 if dof == 3 else 3
+    weight = torch.tensor([math.radians(1.0) * radius_mm] * n_rot + [1.0] * (dof - n_rot), device=theta.device)
+    return (((theta - target) * weight) ** 2).sum(dim=1).mean()
+
+
+def tre_in_frame(error: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """(B,) mean distance (mm) that (B, 4, 4) residual transforms move (B, K, 3) target points (NaN ignored)."""
+    moved = points @ error[:, :3, :3].transpose(1, 2) + error[:, None, :3, 3]
+    dist = (moved - points).norm(dim=2)
+    return torch.nanmean(dist, dim=1)
+
+
+@dataclass
+class Batch:
+    """One training batch on the device; ``perturb``: (B,4,4) matrices P; ``target``: params of P⁻¹."""
+
+    mr: torch.Tensor
+    trus: torch.Tensor
+    points: torch.Tensor
+    perturb: torch.Tensor
+    target: torch.Tensor
+
+
+class Trainer:
+    """Holds the networks, optimisers and cache of one training run."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        train: TrainConfig,
+        ctx: distributed.DistContext,
+        normalization: NormalizationSpec | None = None,
+    ) -> None:
+        self.model, self.cfg, self.ctx = model, train, ctx
+        self.normalization = normalization or NormalizationSpec()
+        torch.manual_seed(train.seed)  # identical initial weights on every rank
+        self.g = Generator(model).to(ctx.device)
+        self.d = Discriminator(model).to(ctx.device)
+        self.g_ddp: nn.Module = self.g
+        self.d_ddp: nn.Module = self.d
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.g_ddp = DistributedDataParallel(self.g, device_ids=ids)
+            self.d_ddp = DistributedDataParallel(self.d, device_ids=ids)
+        if train.compile:
+            self.g_ddp, self.d_ddp = torch.compile(self.g_ddp), torch.compile(self.d_ddp)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=train.lr_g, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.RMSprop(self.d.parameters(), lr=train.lr_d)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.calibration: Calibration | None = None
+
+    # -- batches
+
+    def draw_batch(self, cache: CaseCache, epoch: int, step: int, sub: int) -> Batch:
+        """This rank's share of the seeded global batch, with perturbations, on the device."""
+        gen = step_generator(self.cfg.seed, epoch, step, sub)
+        global_bs = self.global_batch_size
+        index = torch.randint(len(cache), (global_bs,), generator=gen).numpy()
+        params = draw_perturbations(gen, global_bs, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm)
+        index, params = shard(index, self.ctx), shard(params, self.ctx).to(self.ctx.device)
+        mr, trus, pts = cache.batch(index, self.ctx.device)
+        perturb = resampling.rigid_matrices(params, self.model.dof)
+        target = resampling.matrix_params(resampling.invert_rigid(perturb), self.model.dof)
+        return Batch(mr, trus, pts, perturb, target)
+
+    @property
+    def global_batch_size(self) -> int:
+        w = self.ctx.world_size
+        return max(w, (self.cfg.batch_size // w) * w)
+
+    def sample(self, trus: torch.Tensor, transform: torch.Tensor | None) -> torch.Tensor:
+        return preprocessing.sample_trus(trus, self.model.grid, self.model.dof, transform)
+
+    def autocast(self):
+        enabled = self.cfg.amp and self.ctx.device.type == "cuda"
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # -- updates
+
+    def fakes(self, b: Batch, x_start: torch.Tensor, x_est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`)."""
+        if self.cfg.d_fakes == DiscriminatorFakes.ESTIMATES:
+            return b.mr, x_est
+        n = b.mr.shape[0]
+        q = max(1, n // 8)
+        x_gt = self.sample(b.trus, None)
+        mr_parts = [b.mr[: n // 2], b.mr[n // 2 : n // 2 + n // 4]]
+        trus_parts = [x_est[: n // 2], x_start[n // 2 : n // 2 + n // 4]]
+        mr_parts += [b.mr[:q], x_gt[:q], b.mr[:q]]
+        trus_parts += [torch.roll(x_gt, 1, dims=0)[:q], b.mr[:q], torch.zeros_like(x_gt[:q])]
+        return torch.cat(mr_parts), torch.cat(trus_parts)
+
+    def critic_step(self, b: Batch) -> dict:
+        """One critic update with weight clipping; returns its losses."""
+        with torch.no_grad(), self.autocast():
+            x_start = self.sample(b.trus, b.perturb)
+            theta = self.g_ddp(b.mr, x_start).float()
+            x_est = self.sample(b.trus, b.perturb @ resampling.rigid_matrices(theta, self.model.dof))
+            x_gt = self.sample(b.trus, None)
+            fake_mr, fake_trus = self.fakes(b, x_start, x_est)
+        n_real = b.mr.shape[0]
+        with self.autocast():
+            critic = self.d_ddp(torch.cat([b.mr, fake_mr]), torch.cat([x_gt, fake_trus])).float()
+        loss = critic[n_real:].mean() - critic[:n_real].mean()
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        with torch.no_grad():
+            for p in self.d.parameters():
+                p.clamp_(-self.cfg.clip, self.cfg.clip)
+        return {"loss_d": loss.item(), "wasserstein": -loss.item()}
+
+    def generator_step(self, b: Batch) -> dict:
+        """One generator update through the spatial transformer; returns its losses and the batch TRE."""
+        self.d.requires_grad_(False)
+        try:
+            with self.autocast():
+                x_start = self.sample(b.trus, b.perturb)
+                theta = self.g_ddp(b.mr, x_start).float()
+                estimate = resampling.rigid_matrices(theta, self.model.dof)
+                x_est = self.sample(b.trus, b.perturb @ estimate)
+                adversarial = -self.d(b.mr, x_est).float().mean()
+            param = parameter_distance(theta, b.target, self.model.dof, self.cfg.rotation_radius_mm)
+            loss = self.cfg.adversarial_weight * adversarial + self.cfg.lambda_param * param
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_g.step()
+        finally:
+            self.d.requires_grad_(True)
+        tre = tre_in_frame(b.perturb @ estimate.detach(), b.points).mean()
+        return {"loss_g": loss.item(), "loss_adv": adversarial.item(), "loss_param": param.item(), "train_tre": tre.item()}
+
+    def train_epoch(self, cache: CaseCache, epoch: int, steps: int, progress: bool) -> dict:
+        """Run one epoch; returns the epoch's mean losses (averaged over ranks) and timing."""
+        self.g.train()
+        self.d.train()
+        sums: dict[str, float] = {}
+        wait = 0.0
+        start = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not (progress and self.ctx.is_main), unit="it")
+        for step in bar:
+            logs: dict[str, float] = {}
+            for sub in range(self.cfg.n_critic + 1):
+                t0 = time.perf_counter()
+                b = self.draw_batch(cache, epoch, step, sub)
+                wait += time.perf_counter() - t0
+                logs.update(self.critic_step(b) if sub < self.cfg.n_critic else self.generator_step(b))
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(tre=f"{logs['train_tre']:.2f}", d=f"{logs['loss_d']:.4f}")
+        keys = sorted(sums)
+        totals = distributed.all_reduce_sum(self.ctx, torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        out = {k: float(v) / (steps * self.ctx.world_size) for k, v in zip(keys, totals, strict=True)}
+        seconds = time.perf_counter() - start
+        out.update(seconds=seconds, data_wait_fraction=wait / max(seconds, 1e-9))
+        return out
+
+    # -- validation and calibration
+
+    @torch.no_grad()
+    def validate(self, cache: CaseCache, per_case: int = 4) -> dict:
+        """One G pass from seeded perturbations on the validation cases: TRE and critic before/after."""
+        self.g.eval()
+        self.d.eval()
+        n = len(cache)
+        gen = step_generator(self.cfg.seed + 1, 0, 0)
+        index = np.repeat(np.arange(n), per_case)
+        params = draw_perturbations(gen, len(index), self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm)
+        stats = torch.zeros(5, dtype=torch.float64)
+        mine = np.arange(len(index))[self.ctx.rank :: self.ctx.world_size]
+        for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / 64))):
+            if len(chunk) == 0:
+                continue
+            mr, trus, pts = cache.batch(index[chunk], self.ctx.device)
+            perturb = resampling.rigid_matrices(params[chunk].to(self.ctx.device), self.model.dof)
+            x_start = self.sample(trus, perturb)
+            estimate = resampling.rigid_matrices(self.g(mr, x_start), self.model.dof)
+            x_est = self.sample(trus, perturb @ estimate)
+            stats += torch.stack(
+                [
+                    tre_in_frame(perturb, pts).sum(),
+                    tre_in_frame(perturb @ estimate, pts).sum(),
+                    self.d(mr, self.sample(trus, None)).sum(),
+                    self.d(mr, x_est).sum(),
+                    torch.tensor(float(len(chunk))),
+                ]
+            ).double().cpu()
+        stats = distributed.all_reduce_sum(self.ctx, stats)
+        count = stats[4].item()
+        return {
+            "val_tre_before": stats[0].item() / count,
+            "val_tre_after": stats[1].item() / count,
+            "val_critic_aligned": stats[2].item() / count,
+            "val_critic_estimate": stats[3].item() / count,
+        }
+
+    @torch.no_grad()
+    def calibrate(self, cache: CaseCache, per_case: int = 24) -> Calibration:
+        """Critic values and TRE on validation cases over a wide range of misalignments (see quality.py)."""
+        self.g.eval()
+        self.d.eval()
+        gen = step_generator(self.cfg.seed + 2, 0, 0)
+        critic, tre = [], []
+        for i in range(len(cache)):
+            mr, trus, pts = cache.batch(np.full(per_case, i), self.ctx.device)
+            magnitude = torch.linspace(0.0, 2.0, per_case)[:, None]
+            params = draw_perturbations(gen, per_case, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm)
+            perturb = resampling.rigid_matrices((params * magnitude).to(self.ctx.device), self.model.dof)
+            x_start = self.sample(trus, perturb)
+            estimate = perturb @ resampling.rigid_matrices(self.g(mr, x_start), self.model.dof)
+            for transform in (perturb, estimate):
+                critic.append(self.d(mr, self.sample(trus, transform)).cpu())
+                tre.append(tre_in_frame(transform, pts).cpu())
+            other = cache.batch(np.array([(i + 1) % len(cache)]), self.ctx.device)[1]
+            x_gt = self.sample(trus[:1], None)
+            gross = [(mr[:1], self.sample(other, None)), (mr[:1], torch.zeros_like(x_gt)), (x_gt, mr[:1])]
+            for g_mr, g_trus in gross:
+                critic.append(self.d(g_mr, g_trus).cpu())
+                tre.append(torch.tensor([GROSS_FAILURE_TRE_MM]))
+        c, t = torch.cat(critic).numpy(), torch.cat(tre).numpy()
+        keep = np.isfinite(c) & np.isfinite(t)
+        return Calibration(tuple(c[keep].tolist()), tuple(t[keep].tolist()))
+
+    # -- checkpoints
+
+    def state(self, extra: dict | None = None, with_optimizers: bool = True) -> dict:
+        """A checkpoint dict (see :mod:`airreg.checkpoint`)."""
+        state = {
+            "model_config": self.model.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "preprocessing": {"normalization": self.normalization.to_dict(), "grid_center": "mr_volume_center"},
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "generator": self.g.state_dict(),
+            "discriminator": self.d.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "metadata": extra or {},
+        }
+        if with_optimizers:
+            state.update(optimizer_g=self.opt_g.state_dict(), optimizer_d=self.opt_d.state_dict())
+        return state
+
+    def load_state(self, state: dict, where: str) -> None:
+        """Resume from a training checkpoint of the same model configuration."""
+        if state["model_config"] != self.model.to_dict():
+            raise ModelError(f"{where}: checkpoint was trained with another model configuration (preset, grid or dof)")
+        self.g.load_state_dict(state["generator"])
+        self.d.load_state_dict(state["discriminator"])
+        if "optimizer_g" not in state:
+            raise ModelError(f"{where}: checkpoint has no optimiser state (an exported model cannot be resumed)")
+        self.opt_g.load_state_dict(state["optimizer_g"])
+        self.opt_d.load_state_dict(state["optimizer_d"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.normalization = NormalizationSpec.from_dict(state["preprocessing"]["normalization"])
+
+
+# --- the whole run -----------------------------------------------------------------------------------
+
+
+def split_caches(
+    root: Path, out: Path, trainer: Trainer, progress: bool
+) -> tuple[CaseCache, CaseCache]:
+    """Read the dataset, split it by case (seeded 5:1), and build or reuse the train/validation caches."""
+    ctx, cfg = trainer.ctx, trainer.cfg
+    folders = data.list_cases(root)
+    if len(folders) < 2:
+        raise InputError(f"{root}: training needs at least 2 cases, found {len(folders)}")
+    ids = [f.name for f in folders]
+    train_ids, val_ids = data.split_cases(ids, cfg.val_fraction, cfg.seed)
+    caches = []
+    for name, subset in (("train", train_ids), ("val", val_ids)):
+        folder = out / "cache" / f"{name}-{cache_key(trainer.model, trainer.normalization, subset)}"
+        if ctx.is_main and not (folder / "ids.json").exists():
+            chosen = [f for f in folders if f.name in set(subset)]
+            cases = [data.read_case(f, require_gt=True) for f in tqdm(chosen, desc=f"reading {name}", disable=not progress)]
+            build_cache(cases, trainer.model, trainer.normalization, folder, progress)
+        distributed.barrier(ctx)
+        caches.append(open_cache(folder))
+    return caches[0], caches[1]
+
+
+def write_logs(out: Path, history: list[dict]) -> None:
+    """Training log as CSV and the loss curves (paper Fig. 2) as PNG."""
+    from .plotting import loss_curves
+
+    keys = sorted({k for row in history for k in row})
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(out / "log.csv", write_csv)
+    loss_curves(history, out / "loss_curves.png")
+
+
+def train(
+    data_root: Path,
+    out: Path,
+    model: ModelConfig,
+    cfg: TrainConfig,
+    resume: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train AIR-net on a dataset of case folders; returns the path of the exported model (rank 0's file)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ctx = distributed.init(device)
+    try:
+        trainer = Trainer(model, cfg, ctx)
+        if resume is not None:
+            trainer.load_state(ckpt.load(resume, map_location=ctx.device), str(resume))
+        out.mkdir(parents=True, exist_ok=True)
+        train_cache, val_cache = split_caches(Path(data_root), out, trainer, progress)
+        steps = cfg.steps_per_epoch or max(1, math.ceil(len(train_cache) / trainer.global_batch_size))
+        best = math.inf
+        for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
+            row = {"epoch": epoch, **trainer.train_epoch(train_cache, epoch, steps, progress)}
+            row.update(trainer.validate(val_cache))
+            trainer.epoch = epoch
+            trainer.history.append(row)
+            if ctx.is_main:
+                meta = {"train_cases": len(train_cache), "val_cases": len(val_cache)}
+                ckpt.save(out / "last.pt", trainer.state(meta))
+                if row["val_tre_after"] < best:
+                    best = row["val_tre_after"]
+                    ckpt.save(out / "best.pt", trainer.state(meta))
+                write_logs(out, trainer.history)
+                tqdm.write(
+                    f"epoch {epoch}: val TRE {row['val_tre_before']:.2f} -> {row['val_tre_after']:.2f} mm, "
+                    f"loss_d {row['loss_d']:.4f}, {row['seconds']:.0f} s"
+                )
+        distributed.barrier(ctx)
+        final = out / "model.pt"
+        if ctx.is_main:
+            best_path = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
+            state = ckpt.load(best_path, map_location=ctx.device)
+            trainer.g.load_state_dict(state["generator"])
+            trainer.d.load_state_dict(state["discriminator"])
+            trainer.calibration = trainer.calibrate(val_cache)
+            exported = trainer.state({**state["metadata"], "selected_epoch": state["epoch"]}, with_optimizers=False)
+            exported["epoch"], exported["history"] = state["epoch"], trainer.history
+            ckpt.save(final, exported)
+        distributed.barrier(ctx)
+        return final
+    finally:
+        distributed.shutdown(ctx)

@@ -1,0 +1,122 @@
+"""Tests of airreg.intensity: percentile normalisation and its checkpoint-stored specification."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from airreg.errors import InputError, ModelError
+from airreg.intensity import NormalizationSpec, normalize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+
+def test_percentiles_map_to_zero_and_one() -> None:
+    array = np.arange(1, 1001, dtype=np.int16).reshape(10, 10, 10)
+    out = normalize(array, 1.0, 99.0)
+    assert out.dtype == np.float32 and out.shape == array.shape
+    low, high = np.percentile(array, [1, 99])
+    np.testing.assert_allclose(out.ravel()[[0, 500, 999]], [0.0, (501 - low) / (high - low), 1.0], rtol=1e-6)
+    assert np.mean(out == 0) == pytest.approx(0.01, abs=0.002) and np.mean(out == 1) == pytest.approx(
+        0.01, abs=0.002
+    )
+
+
+def test_outliers_do_not_change_the_scale() -> None:
+    rng = np.random.default_rng(0)
+    array = rng.normal(100, 10, size=(20, 20, 20))
+    spiked = array.copy()
+    spiked.flat[:5] = 1e6
+    np.testing.assert_allclose(normalize(array).ravel()[5:], normalize(spiked).ravel()[5:], atol=1e-2)
+
+
+def test_zeros_are_ignored_by_default_and_mask_selects_voxels() -> None:
+    array = np.zeros((10, 10, 10))
+    array[:, :, 5:] = np.linspace(50, 150, 500).reshape(10, 10, 5)
+    out = normalize(array, 0.0, 100.0)
+    assert out[:, :, 5:].min() == 0.0 and out[:, :, 5:].max() == 1.0
+    all_voxels = normalize(array, 0.0, 100.0, mask=np.ones(array.shape, bool))
+    np.testing.assert_allclose(all_voxels[:, :, 5:], array[:, :, 5:] / 150, rtol=1e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    hnp.arrays(np.float64, (4, 5, 6), elements=st.floats(-1e4, 1e4)),
+    st.floats(0, 40),
+    st.floats(60, 100),
+)
+def test_output_is_in_unit_range_and_monotonic(array: np.ndarray, low: float, high: float) -> None:
+    if not np.any(array) or np.ptp(array[array != 0]) == 0:
+        with pytest.raises(InputError):
+            normalize(array, low, high)
+        return
+    out = normalize(array, low, high)
+    assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
+    order = np.argsort(array, axis=None, kind="stable")
+    assert np.all(np.diff(out.ravel()[order]) >= 0)
+
+
+def test_mostly_uniform_image_falls_back_to_min_max() -> None:
+    array = np.full((10, 10, 10), 7.0)
+    array[0, 0, 0] = 9.0
+    out = normalize(array)
+    assert out[0, 0, 0] == 1.0 and out[1, 1, 1] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((3, 4, 5), 5.0), "constant"),
+        (np.zeros((3, 4, 5)), "no voxels"),
+        (np.where(np.eye(5)[None, :4] > 0, np.nan, 1.0), "NaN"),
+    ],
+)
+def test_bad_images(array: np.ndarray, message: str) -> None:
+    with pytest.raises(InputError, match=f"TRUS image.*{message}"):
+        normalize(array, what="TRUS image")
+
+
+def test_mask_shape_must_match() -> None:
+    with pytest.raises(InputError, match="mask shape"):
+        normalize(np.arange(10.0), mask=np.ones(9, bool))
+
+
+def test_bad_percentiles() -> None:
+    with pytest.raises(InputError, match="percentiles"):
+        normalize(np.arange(10.0), 50, 50)
+    with pytest.raises(InputError):
+        NormalizationSpec(low_pct=-1)
+
+
+def test_spec_modalities() -> None:
+    """MR percentiles use all voxels; TRUS percentiles ignore the zero outside the fan."""
+    array = np.zeros((10, 10, 10))
+    array[:, :, 5:] = np.linspace(50, 150, 500).reshape(10, 10, 5)
+    spec = NormalizationSpec(low_pct=0.0, high_pct=100.0)
+    trus = spec.apply(array, "trus")
+    mr = spec.apply(array, "mr")
+    assert trus[:, :, 5:].min() == 0.0 and trus[0, 0, 5] == 0.0
+    assert mr[0, 0, 5] == pytest.approx(50 / 150) and mr[:, :, :5].max() == 0.0
+    with pytest.raises(InputError, match="modality"):
+        spec.apply(array, "ct")
+    with pytest.raises(InputError, match="MR image.*constant"):
+        spec.apply(np.ones((3, 3, 3)), "mr")
+
+
+def test_spec_dict_round_trip() -> None:
+    spec = NormalizationSpec(low_pct=0.5, high_pct=99.5, mr_positive_only=True, trus_positive_only=False)
+    stored = json.loads(json.dumps(spec.to_dict()))
+    assert NormalizationSpec.from_dict(stored) == spec
+    assert NormalizationSpec.from_dict({}) == NormalizationSpec()
+    assert NormalizationSpec.from_dict({"low_pct": 2}).low_pct == 2.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"low_pct": "1"}, {"trus_positive_only": 1}, {"high_pct": True}, {"gamma": 2.0}, {"low_pct": 99.5}, [1]],
+)
+def test_spec_from_bad_dict(bad) -> None:
+    with pytest.raises(ModelError, match="normalisation"):
+        NormalizationSpec.from_dict(bad)
