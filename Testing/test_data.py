@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from airreg import data, geometry
 from airreg.errors import InputError
 from airreg.geometry import RigidTransform
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 GT = RigidTransform((4.0, -3.0, 10.0), (2.0, -5.0, 1.5), (0.0, 0.0, 0.0)).matrix
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from airreg import geometry
 from airreg.errors import InputError
 from airreg.geometry import RigidTransform
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 #: Property tests: enough examples to hit awkward angles, no per-example deadline (the machine is slow).
 PROPERTY = settings(max_examples=60, deadline=None)

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from airreg.errors import InputError, ModelError
-from airreg.intensity import NormalizationSpec, normalize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from airreg.errors import InputError, ModelError
+from airreg.intensity import NormalizationSpec, normalize
 
 
 def test_percentiles_map_to_zero_and_one() -> None:

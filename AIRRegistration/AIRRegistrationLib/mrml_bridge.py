@@ -21,6 +21,7 @@ changes display settings only).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -31,10 +32,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import vtk
+from vtk.util import numpy_support
+
 from airreg import geometry
 from airreg.errors import InputError
 from airreg.fileio import write_text
-from vtk.util import numpy_support
 
 #: Colour map for the TRUS foreground in the fusion view (falls back to the next ones if not in the scene).
 FUSION_COLOR_NODE_IDS = (
@@ -110,7 +112,11 @@ def check_volume_node(node, role: str = "volume") -> None:
     if not node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError(f"{label} is not a scalar volume")
     image_data = node.GetImageData()
-    if image_data is None or image_data.GetNumberOfPoints() == 0 or image_data.GetPointData().GetScalars() is None:
+    if (
+        image_data is None
+        or image_data.GetNumberOfPoints() == 0
+        or image_data.GetPointData().GetScalars() is None
+    ):
         raise InputError(f"{label} is empty (no voxels)")
     if image_data.GetNumberOfScalarComponents() != 1:
         raise InputError(
@@ -251,6 +257,48 @@ def set_registration_result(
     return to_parent
 
 
+def register_volume_nodes(
+    registrar,
+    mr_node,
+    trus_node,
+    output_transform_node=None,
+    initial_transform_node=None,
+    progress=None,
+):
+    """Register TRUS (moving) to MR (fixed) with an ``airreg`` Registrar; return ``(result, transform_node)``.
+
+    Validates and converts the nodes, runs ``registrar.register(mr, trus, initial, progress)`` and only then
+    writes the result (see :func:`set_registration_result`); a new linear transform node is added to the MR
+    node's scene if ``output_transform_node`` is None. On any error no node has been changed.
+    """
+    reason = validate_inputs(mr_node, trus_node)
+    if reason:
+        raise InputError(reason)
+    mr = image_from_volume_node(mr_node, include_parent=True, role="MR")
+    trus = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
+    initial = initial_transform_lps(trus_node, initial_transform_node)
+    result = registrar.register(mr, trus, initial=initial, progress=progress)
+    geometry.check_rigid(result.mr_to_trus, "registration result")
+    if output_transform_node is None:
+        scene = mr_node.GetScene()
+        output_transform_node = scene.AddNewNodeByClass(
+            "vtkMRMLLinearTransformNode", scene.GenerateUniqueName("AIR MR-TRUS transform")
+        )
+    set_registration_result(output_transform_node, result.mr_to_trus, mr_node, trus_node)
+    return result, output_transform_node
+
+
+def score_volume_nodes(registrar, mr_node, trus_node):
+    """Quality verdict (``registrar.score``) of the alignment as Slicer shows it now; changes no node."""
+    reason = validate_inputs(mr_node, trus_node)
+    if reason:
+        raise InputError(reason)
+    mr = image_from_volume_node(mr_node, include_parent=True, role="MR")
+    trus = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
+    current = initial_transform_lps(trus_node)
+    return registrar.score(mr, trus, np.eye(4) if current is None else current)
+
+
 def show_alignment(trus_node, transform_node, after: bool) -> None:
     """Before/after toggle: put TRUS under the registration result (after) or back where it was (before)."""
     if after:
@@ -260,7 +308,9 @@ def show_alignment(trus_node, transform_node, after: bool) -> None:
         trus_node.SetAndObserveTransformNodeID(previous)
 
 
-def setup_fusion_display(scene, mr_node, trus_node, opacity: float = 0.5, color_node_id: str | None = None) -> int:
+def setup_fusion_display(
+    scene, mr_node, trus_node, opacity: float = 0.5, color_node_id: str | None = None
+) -> int:
     """MR as background and TRUS as a colour-mapped foreground at ``opacity`` in every slice view.
 
     Works on the scene's vtkMRMLSliceCompositeNodes (MRML only); returns how many were set. The TRUS display
@@ -324,10 +374,8 @@ def build_report(
         "output_transform": transform_node.GetName() if transform_node is not None else None,
     }
     if transform_node is not None:
-        try:
+        with contextlib.suppress(InputError):
             report["to_parent_ras"] = transform_to_world_ras(transform_node).tolist()
-        except InputError:
-            pass
     report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return report
 

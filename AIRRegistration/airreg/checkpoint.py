@@ -63,7 +63,9 @@ def load(path: str | os.PathLike | None = None, map_location: str | torch.device
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelError(f"{path}: not an AIRRegistration checkpoint")
     if data.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelError(f"{path}: checkpoint format {data['format_version']} is newer than this version supports")
+        raise ModelError(
+            f"{path}: checkpoint format {data['format_version']} is newer than this version supports"
+        )
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ModelError(f"{path}: checkpoint lacks {', '.join(missing)}")

@@ -37,7 +37,9 @@ def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}") if requested in ("auto", "cuda") else torch.device(requested)
+        return (
+            torch.device(f"cuda:{local_rank}") if requested in ("auto", "cuda") else torch.device(requested)
+        )
     if requested != "auto":
         print(f"airreg: CUDA was requested ({requested}) but is not available; running on the CPU")
     return torch.device("cpu")

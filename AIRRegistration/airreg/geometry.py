@@ -81,7 +81,9 @@ def check_rigid(matrix: np.ndarray, where: str = "transform") -> np.ndarray:
         raise InputError(f"{where}: the last row of the matrix must be 0 0 0 1")
     r = m[:3, :3]
     if not np.allclose(r.T @ r, np.eye(3), atol=_RIGID_TOL) or np.linalg.det(r) <= 0:
-        raise InputError(f"{where}: the transform is not rigid (rotation part is not orthonormal with det +1)")
+        raise InputError(
+            f"{where}: the transform is not rigid (rotation part is not orthonormal with det +1)"
+        )
     return m
 
 
@@ -116,7 +118,9 @@ class RigidTransform:
         return homogeneous(r, c - r @ c + np.asarray(self.translation_mm))
 
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray, center_mm=(0.0, 0.0, 0.0), where: str = "matrix") -> RigidTransform:
+    def from_matrix(
+        cls, matrix: np.ndarray, center_mm=(0.0, 0.0, 0.0), where: str = "matrix"
+    ) -> RigidTransform:
         """Parameters of a rigid 4x4 matrix about ``center_mm``."""
         m = check_rigid(matrix, where)
         c = np.asarray(center_mm, dtype=float)
@@ -270,7 +274,10 @@ def write_matrix_text(path: str | os.PathLike, mr_to_trus_lps: np.ndarray, ras_m
     """Write a plain 4x4 text matrix, by default Slicer's RAS modeling matrix (TRUS -> MR, "to parent")."""
     m = check_rigid(mr_to_trus_lps, str(path))
     if ras_modeling:
-        values, convention = lps_resampling_to_ras_modeling(m), "frame=RAS convention=modeling (TRUS->MR, to parent)"
+        values, convention = (
+            lps_resampling_to_ras_modeling(m),
+            "frame=RAS convention=modeling (TRUS->MR, to parent)",
+        )
     else:
         values, convention = m, "frame=LPS convention=resampling (MR->TRUS, ITK)"
     rows = "\n".join(" ".join(f"{v:.10g}" for v in row) for row in values)

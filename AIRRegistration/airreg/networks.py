@@ -88,7 +88,9 @@ class Generator(nn.Module):
         self.head = nn.Linear(config.hidden, config.dof)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("scale", torch.tensor(config.parameter_scale, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "scale", torch.tensor(config.parameter_scale, dtype=torch.float32), persistent=False
+        )
 
     def forward(self, mr: torch.Tensor, trus: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) x 2 -> (B, dof) parameters ordered as ``geometry.PARAMETER_NAMES[dof]``."""

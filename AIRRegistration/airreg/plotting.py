@@ -37,15 +37,24 @@ def loss_curves(history: Sequence[dict], png: Path) -> Path:
     for key, label in (("loss_d", "D loss (critic)"), ("loss_adv", "G adversarial loss")):
         ax1.plot(epochs, [row.get(key, np.nan) for row in history], marker=".", label=label)
     ax1b = ax1.twinx()
-    ax1b.plot(epochs, [row.get("loss_param", np.nan) for row in history], color="tab:green", marker=".",
-              label="G parameter loss (mm²)")
+    ax1b.plot(
+        epochs,
+        [row.get("loss_param", np.nan) for row in history],
+        color="tab:green",
+        marker=".",
+        label="G parameter loss (mm²)",
+    )
     ax1b.set_yscale("log")
     ax1.set_xlabel("epoch")
     ax1.set_title("training losses")
     lines = ax1.get_legend_handles_labels()
     lines_b = ax1b.get_legend_handles_labels()
     ax1.legend(lines[0] + lines_b[0], lines[1] + lines_b[1], fontsize=8, loc="upper right")
-    for key, label in (("val_tre_before", "start"), ("val_tre_after", "after one G pass"), ("train_tre", "train (after G)")):
+    for key, label in (
+        ("val_tre_before", "start"),
+        ("val_tre_after", "after one G pass"),
+        ("train_tre", "train (after G)"),
+    ):
         ax2.plot(epochs, [row.get(key, np.nan) for row in history], marker=".", label=label)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("TRE (mm)")
@@ -56,7 +65,11 @@ def loss_curves(history: Sequence[dict], png: Path) -> Path:
 
 
 def fusion_panels(
-    mr_slices: Sequence[np.ndarray], trus_slices: Sequence[np.ndarray], titles: Sequence[str], png: Path, suptitle: str = ""
+    mr_slices: Sequence[np.ndarray],
+    trus_slices: Sequence[np.ndarray],
+    titles: Sequence[str],
+    png: Path,
+    suptitle: str = "",
 ) -> Path:
     """Side-by-side fusion views: MR in grey, TRUS in pseudo-colour at half opacity (paper Fig. 3 style).
 
@@ -68,9 +81,25 @@ def fusion_panels(
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
     for ax, mr, trus, title in zip(axes[0], mr_slices, trus_slices, titles, strict=True):
         ax.imshow(mr, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
-        ax.imshow(np.ma.masked_where(trus <= 0.02, trus), cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
-        ax.text(0.03, 0.97, title, transform=ax.transAxes, va="top", ha="left", color="yellow", fontsize=9,
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 2})
+        ax.imshow(
+            np.ma.masked_where(trus <= 0.02, trus),
+            cmap="jet",
+            vmin=0,
+            vmax=1,
+            alpha=0.45,
+            interpolation="bilinear",
+        )
+        ax.text(
+            0.03,
+            0.97,
+            title,
+            transform=ax.transAxes,
+            va="top",
+            ha="left",
+            color="yellow",
+            fontsize=9,
+            bbox={"facecolor": "black", "alpha": 0.5, "pad": 2},
+        )
         ax.set_axis_off()
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
@@ -93,7 +122,9 @@ def box_plots(groups: dict[str, dict[str, Sequence[float]]], png: Path, title: s
     return _save(fig, png)
 
 
-def scatter(x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str, png: Path, title: str = "") -> Path:
+def scatter(
+    x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str, png: Path, title: str = ""
+) -> Path:
     """A plain scatter plot (e.g. D-score against TRE)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.8))

@@ -21,8 +21,8 @@ import SimpleITK as sitk
 import torch
 
 from . import resampling
-from .geometry import to_world
 from .errors import InputError
+from .geometry import to_world
 from .intensity import NormalizationSpec
 from .resampling import GridSpec
 
@@ -45,7 +45,9 @@ def cache_spec(grid: GridSpec, dof: int) -> GridSpec:
         return GridSpec((grid.size[0], n_plane, n_plane), (grid.spacing[0], spacing, spacing))
     z_spacing = min(grid.spacing[0], 2 * spacing)
     z_extent = grid.extent_mm[2] + 2 * (half_diagonal * math.sin(math.radians(30)) + CACHE_MARGIN_MM)
-    return GridSpec((int(math.ceil(z_extent / z_spacing)) + 1, n_plane, n_plane), (z_spacing, spacing, spacing))
+    return GridSpec(
+        (int(math.ceil(z_extent / z_spacing)) + 1, n_plane, n_plane), (z_spacing, spacing, spacing)
+    )
 
 
 @dataclass
@@ -62,7 +64,9 @@ class PreparedPair:
     start: np.ndarray
 
 
-def normalized_tensor(image: sitk.Image, spec: NormalizationSpec, modality: str, device, what: str) -> torch.Tensor:
+def normalized_tensor(
+    image: sitk.Image, spec: NormalizationSpec, modality: str, device, what: str
+) -> torch.Tensor:
     """(1, 1, Z, Y, X) float32 tensor of a normalised image."""
     array = spec.apply(sitk.GetArrayViewFromImage(image), modality, what)
     return torch.from_numpy(array)[None, None].to(device)

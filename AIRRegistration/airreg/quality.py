@@ -39,7 +39,9 @@ def isotonic_decreasing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     return xs, fitted
 
 
-def logistic_fit(x: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 50) -> tuple[float, float]:
+def logistic_fit(
+    x: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 50
+) -> tuple[float, float]:
     """(a, b) of P(label=1 | x) = sigmoid(a + b x) by Newton's method with a small ridge penalty."""
     x = np.asarray(x, float)
     yl = np.asarray(labels, float)

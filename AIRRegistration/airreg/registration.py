@@ -128,7 +128,9 @@ class Registrar:
         if not tolerance_mm > 0:
             raise InputError(f"tolerance must be > 0 mm, got {tolerance_mm}")
         if state.get("calibration") is None:
-            raise ModelError(f"{where}: the model has no quality calibration (train it to the end with airreg train)")
+            raise ModelError(
+                f"{where}: the model has no quality calibration (train it to the end with airreg train)"
+            )
         try:
             self.config = ModelConfig.from_dict(state["model_config"])
             self.normalization = NormalizationSpec.from_dict(state["preprocessing"]["normalization"])
@@ -141,7 +143,9 @@ class Registrar:
             self.g.load_state_dict(state["generator"])
             self.d.load_state_dict(state["discriminator"])
         except (RuntimeError, KeyError) as exc:
-            raise ModelError(f"{where}: weights do not match the model configuration stored in the file") from exc
+            raise ModelError(
+                f"{where}: weights do not match the model configuration stored in the file"
+            ) from exc
         self.g.to(self.device).eval()
         self.d.to(self.device).eval()
         self.iterations, self.tolerance_mm = iterations, tolerance_mm
@@ -150,7 +154,10 @@ class Registrar:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path | None = None, device: str = "auto", iterations: int = 1,
+        cls,
+        path: str | Path | None = None,
+        device: str = "auto",
+        iterations: int = 1,
         tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     ) -> Registrar:
         """Load a model file (``None``: the bundled model trained on synthetic phantoms)."""
@@ -160,14 +167,18 @@ class Registrar:
 
     def prepare(self, mr: sitk.Image, trus: sitk.Image, start: np.ndarray) -> preprocessing.PreparedPair:
         start = check_rigid(start, "initial transform")
-        return preprocessing.prepare_pair(mr, trus, start, self.config.grid, self.config.dof, self.normalization, self.device)
+        return preprocessing.prepare_pair(
+            mr, trus, start, self.config.grid, self.config.dof, self.normalization, self.device
+        )
 
     def _sample(self, pair: preprocessing.PreparedPair, transforms: torch.Tensor) -> torch.Tensor:
         trus = pair.trus_cache[None, None].expand(transforms.shape[0], 1, *pair.trus_cache.shape)
         return preprocessing.sample_trus(trus, self.config.grid, self.config.dof, transforms)
 
     @torch.no_grad()
-    def _critic(self, pair: preprocessing.PreparedPair, transforms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _critic(
+        self, pair: preprocessing.PreparedPair, transforms: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Critic values and TRUS coverage of the grid for (B, 4, 4) frame transforms."""
         x = self._sample(pair, transforms)
         mr = pair.mr[None].expand(x.shape[0], *pair.mr.shape)
@@ -179,9 +190,18 @@ class Registrar:
 
     @torch.no_grad()
     def register(
-        self, mr: sitk.Image, trus: sitk.Image, initial: np.ndarray | None = None, progress: Progress | None = None
+        self,
+        mr: sitk.Image,
+        trus: sitk.Image,
+        initial: np.ndarray | None = None,
+        progress: Progress | None = None,
+        iterations: int | None = None,
     ) -> RegistrationResult:
-        """Register TRUS (moving) to MR (fixed); ``initial`` is an MR->TRUS LPS matrix (default: centres aligned)."""
+        """Register TRUS (moving) to MR (fixed); ``initial`` is an MR->TRUS LPS matrix (default: centres aligned).
+
+        ``iterations`` overrides the registrar's number of generator passes for this call.
+        """
+        n_iter = self.iterations if iterations is None else iterations
         report = progress or (lambda fraction, message: None)
         t0 = time.perf_counter()
         start = centers_aligned(mr, trus) if initial is None else np.asarray(initial, dtype=float)
@@ -191,8 +211,8 @@ class Registrar:
         eye = torch.eye(4, device=self.device)[None]
         current = eye
         candidates, steps = [eye], []
-        for i in range(self.iterations):
-            report(0.1 + 0.8 * i / self.iterations, f"generator pass {i + 1} of {self.iterations}")
+        for i in range(n_iter):
+            report(0.1 + 0.8 * i / n_iter, f"generator pass {i + 1} of {n_iter}")
             x = self._sample(pair, current)
             update = resampling.rigid_matrices(self.g(pair.mr[None], x), self.config.dof)
             current = current @ update
@@ -205,7 +225,7 @@ class Registrar:
         report(0.92, "scoring")
         critic, coverage = self._critic(pair, torch.cat(candidates))
         # step 0 is the start; the best-scored estimate is kept (a single pass keeps G's estimate)
-        best = 1 + int(np.argmax(critic[1:])) if self.iterations > 1 else 1
+        best = 1 + int(np.argmax(critic[1:])) if n_iter > 1 else 1
         for step, c in zip(steps, critic[1:], strict=False):
             step["d_score"] = self._verdict(float(c), 1.0).d_score
         t3 = time.perf_counter()
@@ -227,9 +247,19 @@ class Registrar:
 
     def score(self, mr: sitk.Image, trus: sitk.Image, transform: np.ndarray) -> QualityResult:
         """Quality verdict on any given MR->TRUS LPS alignment (manual, another tool's, ...)."""
+        return self.inspect(mr, trus, transform)[2]
+
+    @torch.no_grad()
+    def inspect(
+        self, mr: sitk.Image, trus: sitk.Image, transform: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, QualityResult]:
+        """What the networks see for an alignment: MR and TRUS stacks (S, H, W) in [0, 1], and the verdict."""
         pair = self.prepare(mr, trus, transform)
-        critic, coverage = self._critic(pair, torch.eye(4, device=self.device)[None])
-        return self._verdict(float(critic[0]), float(coverage[0]))
+        eye = torch.eye(4, device=self.device)[None]
+        critic, coverage = self._critic(pair, eye)
+        trus_stack = self._sample(pair, eye)[0]
+        verdict = self._verdict(float(critic[0]), float(coverage[0]))
+        return pair.mr.cpu().numpy(), trus_stack.cpu().numpy(), verdict
 
 
 def _update_size_mm(matrix: np.ndarray, radius_mm: float = 25.0) -> float:

@@ -77,7 +77,9 @@ def mr_frame(mr: sitk.Image, center_mm=None) -> np.ndarray:
     return geometry.frame(axes, center)
 
 
-def grid_to_volume(volume_index_to_world: np.ndarray, mr_to_volume: np.ndarray, frame_to_world: np.ndarray) -> np.ndarray:
+def grid_to_volume(
+    volume_index_to_world: np.ndarray, mr_to_volume: np.ndarray, frame_to_world: np.ndarray
+) -> np.ndarray:
     """4x4 ``L`` with ``volume_index = L @ frame_mm``: frame mm -> MR world -> volume world -> volume index.
 
     The full sampling map of a grid index is ``L @ M @ spec.index_to_frame()``, where ``M`` is a transform
@@ -120,7 +122,9 @@ def sample(
     lmat = torch.as_tensor(grid_to_volume_mm, device=device, dtype=torch.float32)
     if lmat.ndim == 2:
         lmat = lmat.unsqueeze(0)
-    batch = max(volume.shape[0], lmat.shape[0], 1 if transform_in_frame is None else transform_in_frame.shape[0])
+    batch = max(
+        volume.shape[0], lmat.shape[0], 1 if transform_in_frame is None else transform_in_frame.shape[0]
+    )
     grid_index = torch.as_tensor(spec.index_to_frame(), device=device, dtype=torch.float32)
     full = lmat @ grid_index if transform_in_frame is None else lmat @ transform_in_frame.float() @ grid_index
     to_norm = _index_to_normalized(volume.shape[-3:][::-1]).to(device=device, dtype=torch.float32)

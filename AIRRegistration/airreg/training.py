@@ -70,7 +70,9 @@ class CaseCache:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, index: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, index: np.ndarray, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mr (B,S,H,W), trus (B,1,Zc,Yc,Xc), points (B,K,3)) as float32 tensors on ``device``."""
         order = np.sort(index)  # memmaps read faster in order; restore the requested order afterwards
         back = np.argsort(np.argsort(index))
@@ -94,14 +96,20 @@ def target_points(case: data.Case, frame: np.ndarray, seed: int) -> np.ndarray:
 
 
 def build_cache(
-    cases: Sequence[data.Case], model: ModelConfig, normalization: NormalizationSpec, folder: Path, progress: bool
+    cases: Sequence[data.Case],
+    model: ModelConfig,
+    normalization: NormalizationSpec,
+    folder: Path,
+    progress: bool,
 ) -> CaseCache:
     """Preprocess cases (ground truth as start) and write them as .npy files in ``folder``; returns the memmaps."""
     folder.mkdir(parents=True, exist_ok=True)
     mr_list, trus_list, pts_list = [], [], []
     for i, case in enumerate(tqdm(cases, desc="preprocessing", disable=not progress, unit="case")):
         if case.gt is None:
-            raise InputError(f"{case.folder or case.case_id}: training needs a ground-truth transform (gt.tfm)")
+            raise InputError(
+                f"{case.folder or case.case_id}: training needs a ground-truth transform (gt.tfm)"
+            )
         pair = preprocessing.prepare_pair(case.mr, case.trus, case.gt, model.grid, model.dof, normalization)
         mr_list.append(pair.mr.numpy().astype(np.float16))
         trus_list.append(pair.trus_cache.numpy().astype(np.float16))
@@ -140,7 +148,9 @@ def step_generator(seed: int, epoch: int, step: int, sub: int = 0) -> torch.Gene
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch * 10_007 + step * 17 + sub)
 
 
-def draw_perturbations(gen: torch.Generator, n: int, dof: int, rotation_deg: float, translation_mm: float) -> torch.Tensor:
+def draw_perturbations(
+    gen: torch.Generator, n: int, dof: int, rotation_deg: float, translation_mm: float
+) -> torch.Tensor:
     """(n, dof) parameters uniform in ±rotation_deg / ±translation_mm (3-DOF: γ, tx, ty)."""
     u = torch.rand(n, dof, generator=gen) * 2 - 1
     scale = torch.tensor([rotation_deg] * (1 if dof == 3 else 3) + [translation_mm] * (2 if dof == 3 else 3))
@@ -156,7 +166,9 @@ def shard(values: torch.Tensor | np.ndarray, ctx: distributed.DistContext):
 def parameter_distance(theta: torch.Tensor, target: torch.Tensor, dof: int, radius_mm: float) -> torch.Tensor:
     """Mean over the batch of the squared parameter error, rotations converted to mm at ``radius_mm``."""
     n_rot = 1 if dof == 3 else 3
-    weight = torch.tensor([math.radians(1.0) * radius_mm] * n_rot + [1.0] * (dof - n_rot), device=theta.device)
+    weight = torch.tensor(
+        [math.radians(1.0) * radius_mm] * n_rot + [1.0] * (dof - n_rot), device=theta.device
+    )
     return (((theta - target) * weight) ** 2).sum(dim=1).mean()
 
 
@@ -214,7 +226,9 @@ class Trainer:
         gen = step_generator(self.cfg.seed, epoch, step, sub)
         global_bs = self.global_batch_size
         index = torch.randint(len(cache), (global_bs,), generator=gen).numpy()
-        params = draw_perturbations(gen, global_bs, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm)
+        params = draw_perturbations(
+            gen, global_bs, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm
+        )
         index, params = shard(index, self.ctx), shard(params, self.ctx).to(self.ctx.device)
         mr, trus, pts = cache.batch(index, self.ctx.device)
         perturb = resampling.rigid_matrices(params, self.model.dof)
@@ -235,7 +249,9 @@ class Trainer:
 
     # -- updates
 
-    def fakes(self, b: Batch, x_start: torch.Tensor, x_est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fakes(
+        self, b: Batch, x_start: torch.Tensor, x_est: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`)."""
         if self.cfg.d_fakes == DiscriminatorFakes.ESTIMATES:
             return b.mr, x_est
@@ -286,7 +302,12 @@ class Trainer:
         finally:
             self.d.requires_grad_(True)
         tre = tre_in_frame(b.perturb @ estimate.detach(), b.points).mean()
-        return {"loss_g": loss.item(), "loss_adv": adversarial.item(), "loss_param": param.item(), "train_tre": tre.item()}
+        return {
+            "loss_g": loss.item(),
+            "loss_adv": adversarial.item(),
+            "loss_param": param.item(),
+            "train_tre": tre.item(),
+        }
 
     def train_epoch(self, cache: CaseCache, epoch: int, steps: int, progress: bool) -> dict:
         """Run one epoch; returns the epoch's mean losses (averaged over ranks) and timing."""
@@ -295,7 +316,9 @@ class Trainer:
         sums: dict[str, float] = {}
         wait = 0.0
         start = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not (progress and self.ctx.is_main), unit="it")
+        bar = tqdm(
+            range(steps), desc=f"epoch {epoch}", disable=not (progress and self.ctx.is_main), unit="it"
+        )
         for step in bar:
             logs: dict[str, float] = {}
             for sub in range(self.cfg.n_critic + 1):
@@ -307,7 +330,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(tre=f"{logs['train_tre']:.2f}", d=f"{logs['loss_d']:.4f}")
         keys = sorted(sums)
-        totals = distributed.all_reduce_sum(self.ctx, torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        totals = distributed.all_reduce_sum(
+            self.ctx, torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        )
         out = {k: float(v) / (steps * self.ctx.world_size) for k, v in zip(keys, totals, strict=True)}
         seconds = time.perf_counter() - start
         out.update(seconds=seconds, data_wait_fraction=wait / max(seconds, 1e-9))
@@ -323,7 +348,9 @@ class Trainer:
         n = len(cache)
         gen = step_generator(self.cfg.seed + 1, 0, 0)
         index = np.repeat(np.arange(n), per_case)
-        params = draw_perturbations(gen, len(index), self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm)
+        params = draw_perturbations(
+            gen, len(index), self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm
+        )
         stats = torch.zeros(5, dtype=torch.float64)
         mine = np.arange(len(index))[self.ctx.rank :: self.ctx.world_size]
         for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / 64))):
@@ -334,15 +361,19 @@ class Trainer:
             x_start = self.sample(trus, perturb)
             estimate = resampling.rigid_matrices(self.g(mr, x_start), self.model.dof)
             x_est = self.sample(trus, perturb @ estimate)
-            stats += torch.stack(
-                [
-                    tre_in_frame(perturb, pts).sum(),
-                    tre_in_frame(perturb @ estimate, pts).sum(),
-                    self.d(mr, self.sample(trus, None)).sum(),
-                    self.d(mr, x_est).sum(),
-                    torch.tensor(float(len(chunk))),
-                ]
-            ).double().cpu()
+            stats += (
+                torch.stack(
+                    [
+                        tre_in_frame(perturb, pts).sum(),
+                        tre_in_frame(perturb @ estimate, pts).sum(),
+                        self.d(mr, self.sample(trus, None)).sum(),
+                        self.d(mr, x_est).sum(),
+                        torch.tensor(float(len(chunk))),
+                    ]
+                )
+                .double()
+                .cpu()
+            )
         stats = distributed.all_reduce_sum(self.ctx, stats)
         count = stats[4].item()
         return {
@@ -362,7 +393,9 @@ class Trainer:
         for i in range(len(cache)):
             mr, trus, pts = cache.batch(np.full(per_case, i), self.ctx.device)
             magnitude = torch.linspace(0.0, 2.0, per_case)[:, None]
-            params = draw_perturbations(gen, per_case, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm)
+            params = draw_perturbations(
+                gen, per_case, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm
+            )
             perturb = resampling.rigid_matrices((params * magnitude).to(self.ctx.device), self.model.dof)
             x_start = self.sample(trus, perturb)
             estimate = perturb @ resampling.rigid_matrices(self.g(mr, x_start), self.model.dof)
@@ -386,7 +419,10 @@ class Trainer:
         state = {
             "model_config": self.model.to_dict(),
             "train_config": self.cfg.to_dict(),
-            "preprocessing": {"normalization": self.normalization.to_dict(), "grid_center": "mr_volume_center"},
+            "preprocessing": {
+                "normalization": self.normalization.to_dict(),
+                "grid_center": "mr_volume_center",
+            },
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "generator": self.g.state_dict(),
             "discriminator": self.d.state_dict(),
@@ -401,11 +437,15 @@ class Trainer:
     def load_state(self, state: dict, where: str) -> None:
         """Resume from a training checkpoint of the same model configuration."""
         if state["model_config"] != self.model.to_dict():
-            raise ModelError(f"{where}: checkpoint was trained with another model configuration (preset, grid or dof)")
+            raise ModelError(
+                f"{where}: checkpoint was trained with another model configuration (preset, grid or dof)"
+            )
         self.g.load_state_dict(state["generator"])
         self.d.load_state_dict(state["discriminator"])
         if "optimizer_g" not in state:
-            raise ModelError(f"{where}: checkpoint has no optimiser state (an exported model cannot be resumed)")
+            raise ModelError(
+                f"{where}: checkpoint has no optimiser state (an exported model cannot be resumed)"
+            )
         self.opt_g.load_state_dict(state["optimizer_g"])
         self.opt_d.load_state_dict(state["optimizer_d"])
         self.epoch = int(state["epoch"])
@@ -416,9 +456,7 @@ class Trainer:
 # --- the whole run -----------------------------------------------------------------------------------
 
 
-def split_caches(
-    root: Path, out: Path, trainer: Trainer, progress: bool
-) -> tuple[CaseCache, CaseCache]:
+def split_caches(root: Path, out: Path, trainer: Trainer, progress: bool) -> tuple[CaseCache, CaseCache]:
     """Read the dataset, split it by case (seeded 5:1), and build or reuse the train/validation caches."""
     ctx, cfg = trainer.ctx, trainer.cfg
     folders = data.list_cases(root)
@@ -431,7 +469,10 @@ def split_caches(
         folder = out / "cache" / f"{name}-{cache_key(trainer.model, trainer.normalization, subset)}"
         if ctx.is_main and not (folder / "ids.json").exists():
             chosen = [f for f in folders if f.name in set(subset)]
-            cases = [data.read_case(f, require_gt=True) for f in tqdm(chosen, desc=f"reading {name}", disable=not progress)]
+            cases = [
+                data.read_case(f, require_gt=True)
+                for f in tqdm(chosen, desc=f"reading {name}", disable=not progress)
+            ]
             build_cache(cases, trainer.model, trainer.normalization, folder, progress)
         distributed.barrier(ctx)
         caches.append(open_cache(folder))
@@ -499,7 +540,9 @@ def train(
             trainer.g.load_state_dict(state["generator"])
             trainer.d.load_state_dict(state["discriminator"])
             trainer.calibration = trainer.calibrate(val_cache)
-            exported = trainer.state({**state["metadata"], "selected_epoch": state["epoch"]}, with_optimizers=False)
+            exported = trainer.state(
+                {**state["metadata"], "selected_epoch": state["epoch"]}, with_optimizers=False
+            )
             exported["epoch"], exported["history"] = state["epoch"], trainer.history
             ckpt.save(final, exported)
         distributed.barrier(ctx)

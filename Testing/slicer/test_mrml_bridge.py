@@ -15,6 +15,7 @@ if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package named "sli
     pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
 
 import vtk  # noqa: E402
+
 from airreg import geometry  # noqa: E402
 from airreg.errors import InputError  # noqa: E402
 
@@ -38,7 +39,9 @@ def scene():
     scene.Clear(1)
 
 
-def make_image(size=(24, 20, 16), spacing=(1.0, 1.2, 1.5), origin=(-10.0, 5.0, 3.0), angles=(0, 0, 0), seed=0):
+def make_image(
+    size=(24, 20, 16), spacing=(1.0, 1.2, 1.5), origin=(-10.0, 5.0, 3.0), angles=(0, 0, 0), seed=0
+):
     rng = np.random.default_rng(seed)
     voxels = rng.normal(100, 20, size=size[::-1]).astype(np.float32)
     voxels[4:10, 5:12, 6:14] += 80  # an asymmetric blob, so axis mix-ups show
@@ -97,7 +100,9 @@ def test_storage_node_writes_itk_convention(scene, tmp_path):
     storage.SetFileName(str(path))
     assert storage.WriteData(node)
     params = next(line for line in path.read_text().splitlines() if line.startswith("Parameters:"))
-    np.testing.assert_allclose([float(v) for v in params.split()[1:]], [1, 0, 0, 0, 1, 0, 0, 0, 1, 10, 20, -30])
+    np.testing.assert_allclose(
+        [float(v) for v in params.split()[1:]], [1, 0, 0, 0, 1, 0, 0, 0, 1, 10, 20, -30]
+    )
 
 
 @pytest.mark.parametrize("suffix", [".tfm", ".h5"])
@@ -147,7 +152,9 @@ def test_image_matches_slicer_ijk_to_ras(scene):
     node.GetIJKToRASMatrix(m)
     ijk = (3, 7, 11)
     ras = bridge.array_from_vtk_matrix(m) @ np.array([*ijk, 1.0])
-    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(ijk), (geometry.RAS_TO_LPS @ ras)[:3], atol=1e-9)
+    np.testing.assert_allclose(
+        image.TransformIndexToPhysicalPoint(ijk), (geometry.RAS_TO_LPS @ ras)[:3], atol=1e-9
+    )
     # and the (K, J, I) voxel order of slicer.util agrees
     arr = slicer.util.arrayFromVolume(node)
     assert image[ijk] == arr[ijk[2], ijk[1], ijk[0]]
@@ -379,3 +386,198 @@ def test_exports_and_no_silent_overwrite(scene, tmp_path):
             writer(target)
         assert target.read_bytes() == content
         writer(target, overwrite=True)  # the user chose the file in a save dialog
+
+
+# --- end to end: files -> storage nodes -> registration -> transform file -> SimpleITK ------------------
+
+
+class RecordingRegistrar:
+    """Stand-in for airreg.registration.Registrar: records what it is given and returns a fixed answer."""
+
+    def __init__(self, answer: np.ndarray):
+        self.answer = answer
+        self.calls: list[dict] = []
+
+    def register(self, mr, trus, initial=None, progress=None):
+        self.calls.append({"mr": mr, "trus": trus, "initial": initial})
+        if progress:
+            progress(1.0, "done")
+        return type("Result", (), {"mr_to_trus": self.answer})()
+
+    def score(self, mr, trus, transform):
+        self.calls.append({"mr": mr, "trus": trus, "transform": transform})
+        return "verdict"
+
+
+def load_volume(scene, path: Path, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def write_and_read_back(scene, transform_node, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Write a transform node with vtkMRMLTransformStorageNode; read it back with SimpleITK and a storage node."""
+    writer = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    writer.SetFileName(str(path))
+    assert writer.WriteData(transform_node)
+    via_sitk = geometry.from_sitk(sitk.ReadTransform(str(path)))
+    loaded = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "read back")
+    reader = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(loaded)
+    return via_sitk, bridge.mr_to_trus_from_transform_node(loaded)
+
+
+def test_pipeline_on_files_with_recording_registrar(scene, tmp_path):
+    """The bridge hands the core LPS images that match the files, the TRUS parent as the initial transform,
+    and writes a result that reads back identically through Slicer's storage node and SimpleITK."""
+    mr_image = make_image(size=(40, 36, 30), angles=(0, 0, 10), seed=1)
+    trus_image = make_image(size=(32, 32, 28), spacing=(0.8, 0.8, 0.8), angles=(20, 0, -5), seed=2)
+    sitk.WriteImage(mr_image, str(tmp_path / "mr.nrrd"))
+    sitk.WriteImage(trus_image, str(tmp_path / "trus.nii.gz"))
+    mr = load_volume(scene, tmp_path / "mr.nrrd", "MR")
+    trus = load_volume(scene, tmp_path / "trus.nii.gz", "TRUS")
+    manual_lps = rigid((0, 0, 4), (2, -1, 3))
+    manual = add_transform(scene, geometry.lps_resampling_to_ras_modeling(manual_lps), "manual")
+    trus.SetAndObserveTransformNodeID(manual.GetID())
+    mr_before, trus_before = snapshot(mr), snapshot(trus)
+
+    answer = rigid()
+    registrar = RecordingRegistrar(answer)
+    result, out = bridge.register_volume_nodes(registrar, mr, trus)
+    call = registrar.calls[0]
+    assert_same_geometry(call["mr"], mr_image)
+    assert_same_geometry(call["trus"], trus_image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(call["mr"]), sitk.GetArrayFromImage(mr_image))
+    np.testing.assert_allclose(call["initial"], manual_lps, atol=1e-9)
+
+    assert out.GetName().startswith("AIR MR-TRUS transform")
+    assert trus.GetTransformNodeID() == out.GetID()
+    assert_unchanged(mr, mr_before)
+    assert_unchanged(trus, trus_before, parent_may_change=True)
+    np.testing.assert_array_equal(
+        slicer.util.arrayFromTransformMatrix(manual), geometry.lps_resampling_to_ras_modeling(manual_lps)
+    )
+
+    for suffix in (".h5", ".tfm"):
+        via_sitk, via_node = write_and_read_back(scene, out, tmp_path / f"result{suffix}")
+        np.testing.assert_allclose(via_sitk, answer, atol=1e-12)
+        np.testing.assert_allclose(via_node, answer, atol=1e-12)
+
+    registrar.calls.clear()
+    assert bridge.score_volume_nodes(registrar, mr, trus) == "verdict"
+    np.testing.assert_allclose(registrar.calls[0]["transform"], answer, atol=1e-9)
+
+
+def test_pipeline_refuses_bad_input_without_touching_nodes(scene):
+    mr = bridge.add_volume_node_from_image(scene, make_image(seed=1), "MR")
+    registrar = RecordingRegistrar(rigid())
+    n_transforms = scene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
+    with pytest.raises(ValueError, match="must differ"):
+        bridge.register_volume_nodes(registrar, mr, mr)
+    flat = bridge.add_volume_node_from_image(scene, make_image(size=(30, 20, 1)), "2D")
+    with pytest.raises(ValueError, match="not 3D"):
+        bridge.register_volume_nodes(registrar, mr, flat)
+    assert registrar.calls == []
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == n_transforms
+    assert flat.GetTransformNodeID() is None
+
+
+@pytest.fixture(scope="module")
+def bundled_registrar():
+    registration = pytest.importorskip("airreg.registration")
+    from airreg.errors import ModelError
+
+    try:
+        return registration.Registrar.from_checkpoint(None, device="cpu", iterations=3, tolerance_mm=5.0)
+    except (ModelError, FileNotFoundError) as exc:
+        pytest.skip(f"no bundled model yet: {exc}")
+
+
+@pytest.mark.slow
+def test_phantom_end_to_end_with_bundled_model(scene, tmp_path, bundled_registrar):
+    """Phantom pair on disk -> storage nodes -> AIR-net -> transform file; TRE against the landmarks."""
+    phantom = pytest.importorskip("airreg.phantom")
+    case = phantom.generate_case(0)
+    sitk.WriteImage(case.mr, str(tmp_path / "mr.nrrd"))
+    sitk.WriteImage(case.trus, str(tmp_path / "trus.nrrd"))
+    mr = load_volume(scene, tmp_path / "mr.nrrd", "MR")
+    trus = load_volume(scene, tmp_path / "trus.nrrd", "TRUS")
+    mr_before, trus_before = snapshot(mr), snapshot(trus)
+
+    result, out = bridge.register_volume_nodes(bundled_registrar, mr, trus)
+    assert_unchanged(mr, mr_before)
+    assert_unchanged(trus, trus_before, parent_may_change=True)
+    assert out.GetNodeReferenceID(out.GetMovingNodeReferenceRole()) == trus.GetID()
+
+    via_sitk, via_node = write_and_read_back(scene, out, tmp_path / "result.h5")
+    np.testing.assert_allclose(via_sitk, result.mr_to_trus, atol=1e-12)
+    np.testing.assert_allclose(via_node, result.mr_to_trus, atol=1e-12)
+
+    def tre(matrix):
+        errors = [
+            np.linalg.norm(geometry.apply(matrix, mr_xyz) - np.asarray(trus_xyz))
+            for _, mr_xyz, trus_xyz in case.landmarks
+        ]
+        return float(np.sqrt(np.mean(np.square(errors))))
+
+    assert tre(result.mr_to_trus) < tre(result.initial)
+    assert tre(result.mr_to_trus) < 5.0
+    assert 0.0 <= result.d_score <= 1.0 and result.quality in ("ok", "warning")
+
+    report = bridge.build_report(result.report(str(tmp_path / "result.h5")), mr, trus, out)
+    loaded = json.loads(bridge.write_report(tmp_path / "report.json", report).read_text())
+    assert loaded["model_sha256"] == result.model_sha256 and loaded["slicer"]["trus_volume"] == "TRUS"
+
+
+@pytest.mark.slow
+def test_phantom_end_to_end_with_real_registrar(scene, tmp_path, tiny_model):
+    """Real core on MRML nodes (tiny 2-epoch model from conftest, so no accuracy claim): the phantom pair is
+    loaded through vtkMRMLVolumeArchetypeStorageNode, the result written through vtkMRMLTransformStorageNode
+    reads back identically with SimpleITK, the landmarks agree with the matrix and the inputs are unchanged."""
+    phantom = pytest.importorskip("airreg.phantom")
+    registration = pytest.importorskip("airreg.registration")
+    case = phantom.generate_case(1)
+    sitk.WriteImage(case.mr, str(tmp_path / "mr.nrrd"))
+    sitk.WriteImage(case.trus, str(tmp_path / "trus.nrrd"))
+    mr = load_volume(scene, tmp_path / "mr.nrrd", "MR")
+    trus = load_volume(scene, tmp_path / "trus.nrrd", "TRUS")
+    assert_same_geometry(bridge.image_from_volume_node(mr), case.mr)
+    assert_same_geometry(bridge.image_from_volume_node(trus), case.trus)
+    # a manual start 6 mm off the truth, as the user would leave it
+    start = geometry.RigidTransform((0, 0, 0), (6.0, 0, 0)).matrix @ case.gt
+    manual = add_transform(scene, geometry.lps_resampling_to_ras_modeling(start), "manual")
+    trus.SetAndObserveTransformNodeID(manual.GetID())
+    mr_before, trus_before = snapshot(mr), snapshot(trus)
+
+    registrar = registration.Registrar.from_checkpoint(
+        tiny_model, device="cpu", iterations=2, tolerance_mm=5.0
+    )
+    seen = []
+    result, out = bridge.register_volume_nodes(registrar, mr, trus, progress=lambda f, m: seen.append(f))
+    assert seen and seen[-1] == 1.0
+    np.testing.assert_allclose(result.initial, start, atol=1e-9)
+    assert_unchanged(mr, mr_before)
+    assert_unchanged(trus, trus_before, parent_may_change=True)
+    np.testing.assert_allclose(
+        slicer.util.arrayFromTransformMatrix(manual),
+        geometry.lps_resampling_to_ras_modeling(start),
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(slicer.util.arrayFromTransformMatrix(out), result.to_parent_ras, atol=1e-12)
+
+    via_sitk, via_node = write_and_read_back(scene, out, tmp_path / "result.h5")
+    np.testing.assert_allclose(via_sitk, result.mr_to_trus, atol=1e-12)
+    np.testing.assert_allclose(via_node, result.mr_to_trus, atol=1e-12)
+
+    # TRE of the start against the landmarks is the 6 mm we put in; the result's TRE is finite and reported
+    mr_points = np.array([p for _, p, _ in case.landmarks])
+    trus_points = np.array([p for _, _, p in case.landmarks])
+    np.testing.assert_allclose(np.linalg.norm(geometry.apply(start, mr_points) - trus_points, axis=1), 6.0)
+    assert np.all(np.isfinite(geometry.apply(result.mr_to_trus, mr_points)))
+    assert 0.0 <= result.d_score <= 1.0 and result.quality in ("ok", "warning")
+    quality = bridge.score_volume_nodes(registrar, mr, trus)  # TRUS is now under the result
+    assert quality.d_score == pytest.approx(result.d_score, abs=1e-3)

@@ -1,0 +1,255 @@
+"""The ``airreg`` command line: a thin layer over the Python API, one public call per subcommand.
+
+Errors in the input (AirRegError) are printed as one line and exit with status 2; nothing is written half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import AirRegError
+
+DISCLAIMER = (
+    "The bundled model was trained on synthetic phantoms only: it is not for clinical use until trained and "
+    "validated on your own data."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="airreg", description="AIR-net MR-TRUS rigid registration with a quality score."
+    )
+    parser.add_argument("--version", action="version", version=f"airreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write synthetic MR/TRUS phantom cases in the case-folder format")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per case)")
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deform", action="store_true", help="add a mild probe-pressure deformation to the TRUS")
+    p.add_argument(
+        "--preview", action="store_true", help="also write preview.png (MR grey, TRUS colour) per case"
+    )
+
+    p = sub.add_parser("train", help="train AIR-net on case folders (runs under torchrun unchanged)")
+    p.add_argument("--data", type=Path, required=True, help="folder of case folders, or a µRegPro folder")
+    p.add_argument(
+        "--out", type=Path, required=True, help="run folder: checkpoints, log.csv, loss_curves.png, model.pt"
+    )
+    p.add_argument("--preset", default="default", help="paper, default or tiny")
+    p.add_argument(
+        "--dof",
+        type=int,
+        choices=(3, 6),
+        default=3,
+        help="3: axial rotation + in-plane shift (paper); 6: rigid",
+    )
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes)")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="0: one pass over the training cases")
+    p.add_argument("--lr-g", type=float, default=3e-4)
+    p.add_argument("--lr-d", type=float, default=1e-4)
+    p.add_argument(
+        "--lambda-param", type=float, default=1.0, help="weight of the parameter distance in G's loss"
+    )
+    p.add_argument(
+        "--d-fakes", choices=("all", "estimates"), default="all", help="what D is shown as misaligned"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=Path, help="continue from a training checkpoint (last.pt)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+
+    p = sub.add_parser("register", help="register a TRUS volume (moving) to an MR volume (fixed)")
+    _pair_arguments(p)
+    p.add_argument(
+        "--init", type=Path, help="initial MR->TRUS transform (ITK file); default: volume centres aligned"
+    )
+    p.add_argument("--out-transform", type=Path, required=True, help="ITK transform file (.tfm, .txt, .h5)")
+    p.add_argument("--report", type=Path, help="JSON report")
+    p.add_argument("--ras-matrix", type=Path, help="also write Slicer's 4x4 RAS 'to parent' matrix as text")
+    p.add_argument("--overlay", type=Path, help="PNG overlay before/after")
+    p.add_argument("--iterations", type=int, default=3, help="generator passes; D keeps the best-scored step")
+
+    p = sub.add_parser("score", help="D-score and quality flag of a given alignment")
+    _pair_arguments(p)
+    p.add_argument("--transform", type=Path, required=True, help="MR->TRUS transform to judge (ITK file)")
+
+    p = sub.add_parser(
+        "evaluate", help="the paper's protocol on cases with ground truth: TRE and D-score before/after"
+    )
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dof", type=int, choices=(3, 6), help="perturbation protocol (default: the model's)")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random starts (same for every method)")
+    p.add_argument("--tolerance", type=float, default=5.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as Fig. 3-style overlays")
+
+    p = sub.add_parser(
+        "demo", help="register a synthetic phantom pair with the bundled model (the README's first command)"
+    )
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--seed", type=int, default=20261125, help="phantom seed (never used in training)")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _pair_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mr", type=Path, required=True, help="MR volume (fixed): any SimpleITK format or a DICOM folder"
+    )
+    p.add_argument("--trus", type=Path, required=True, help="TRUS volume (moving)")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--tolerance", type=float, default=5.0, help="error (mm) above which the result is flagged"
+    )
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import generate_dataset, write_preview
+
+    folders = generate_dataset(args.out, args.cases, args.seed, deform=args.deform)
+    if args.preview:
+        for folder in folders:
+            write_preview(folder, folder / "preview.png")
+    print(f"wrote {len(folders)} cases to {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, preset
+    from .training import train
+
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch,
+        lr_g=args.lr_g,
+        lr_d=args.lr_d,
+        lambda_param=args.lambda_param,
+        d_fakes=args.d_fakes,
+        seed=args.seed,
+        amp=not args.no_amp,
+        compile=args.compile,
+        num_threads=args.threads,
+    )
+    model = train(args.data, args.out, preset(args.preset, args.dof), cfg, args.resume, args.device)
+    print(f"model written to {model}")
+    return 0
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from .data import read_image
+    from .geometry import read_transform, write_matrix_text, write_transform
+    from .registration import Registrar
+
+    mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
+    initial = read_transform(args.init) if args.init else None
+    registrar = Registrar.from_checkpoint(args.model, args.device, args.iterations, args.tolerance)
+    result = registrar.register(mr, trus, initial)
+    write_transform(args.out_transform, result.mr_to_trus)
+    if args.ras_matrix:
+        write_matrix_text(args.ras_matrix, result.mr_to_trus)
+    if args.report:
+        from .fileio import write_text
+
+        write_text(args.report, json.dumps(result.report(str(args.out_transform)), indent=2))
+    if args.overlay:
+        from .evaluation import overlay_png
+
+        overlay_png(
+            registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
+        )
+    _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}")
+    if args.model is None:
+        print(DISCLAIMER)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .data import read_image
+    from .geometry import read_transform
+    from .registration import Registrar
+
+    mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
+    registrar = Registrar.from_checkpoint(args.model, args.device, tolerance_mm=args.tolerance)
+    verdict = registrar.score(mr, trus, read_transform(args.transform))
+    _print_verdict(verdict, f"D-score {verdict.d_score:.2f}")
+    return 0
+
+
+def _print_verdict(verdict, head: str) -> None:
+    print(f"{head}; estimated error {verdict.estimated_tre_mm:.1f} mm; quality: {verdict.quality}")
+    if verdict.warning:
+        print(f"WARNING: {verdict.warning}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    summary = evaluate(
+        args.data,
+        args.out,
+        args.model,
+        dof=args.dof,
+        iterations=args.iterations,
+        seed=args.seed,
+        tolerance_mm=args.tolerance,
+        device=args.device,
+        overlays=args.overlays,
+    )
+    print(summary["markdown"])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .evaluation import demo
+
+    report = demo(args.out, args.seed, args.model, args.device)
+    print(
+        f"TRE {report['tre_mm_before']:.2f} mm -> {report['tre_mm_after']:.2f} mm; D-score "
+        f"{report['d_score_before']:.2f} -> {report['d_score']:.2f}; quality: {report['quality']}; "
+        f"{report['seconds'] * 1000:.0f} ms"
+    )
+    print(f"wrote {args.out}/: transform.tfm, transform_ras.txt, report.json, overlay.png, case/")
+    print(DISCLAIMER)
+    return 0
+
+
+COMMANDS = {
+    "phantom": _cmd_phantom,
+    "train": _cmd_train,
+    "register": _cmd_register,
+    "score": _cmd_score,
+    "evaluate": _cmd_evaluate,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AirRegError as exc:
+        print(f"airreg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"airreg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
