@@ -32,7 +32,7 @@ from .fileio import atomic_path, write_text
 # name: (T2 intensity, T2 texture (relative std), echogenicity, scatterer density, impedance MRayl,
 #        attenuation dB/cm/MHz). The rectal lumen is air in MR and the probe's water-filled sheath in TRUS.
 _TISSUE_TABLE: dict[str, tuple[float, float, float, float, float, float]] = {
-    "fat": (620.0, 0.06, 1.00, 0.35, 1.38, 0.6),
+    "fat": (620.0, 0.06, 1.20, 0.35, 1.38, 0.6),
     "muscle": (170.0, 0.08, 0.45, 0.9, 1.65, 1.0),
     "bone": (430.0, 0.12, 0.60, 1.0, 4.00, 10.0),
     "cortex": (40.0, 0.05, 2.00, 1.0, 7.80, 20.0),
@@ -40,12 +40,12 @@ _TISSUE_TABLE: dict[str, tuple[float, float, float, float, float, float]] = {
     "urine": (1100.0, 0.02, 0.02, 0.05, 1.52, 0.002),
     "rectal_wall": (210.0, 0.08, 0.85, 1.0, 1.62, 0.8),
     "rectal_lumen": (40.0, 0.10, 0.00, 0.05, 1.52, 0.002),
-    "seminal_vesicle": (850.0, 0.25, 0.30, 0.5, 1.56, 0.3),
+    "seminal_vesicle": (850.0, 0.25, 0.30, 0.5, 1.56, 0.6),
     "neurovascular_bundle": (300.0, 0.10, 1.10, 0.5, 1.45, 0.6),
     "capsule": (170.0, 0.05, 1.40, 1.0, 1.70, 0.9),
-    "peripheral_zone": (560.0, 0.08, 0.75, 1.0, 1.60, 0.8),
+    "peripheral_zone": (560.0, 0.08, 0.65, 1.0, 1.60, 0.8),
     "central_zone": (260.0, 0.06, 0.55, 0.9, 1.61, 0.8),
-    "transition_zone": (330.0, 0.15, 0.60, 0.5, 1.61, 0.8),
+    "transition_zone": (330.0, 0.15, 0.50, 0.5, 1.61, 0.8),
     "nodule_glandular": (480.0, 0.10, 0.80, 0.7, 1.60, 0.8),
     "nodule_stromal": (220.0, 0.10, 0.45, 0.9, 1.63, 0.9),
     "fibromuscular_stroma": (150.0, 0.05, 0.50, 1.0, 1.64, 1.0),
@@ -208,11 +208,12 @@ _COARSE_RADIUS_VOXELS = 20.0  # blobs at least this many voxels in radius are ev
 
 
 def _local_coords(m: np.ndarray, lo: np.ndarray, counts, stride: int) -> list[np.ndarray]:
-    """Normalised local coordinates ``q`` (3 arrays (z, y, x)) at indices ``lo + stride * (0..count-1)``."""
+    """Local coordinates (one (z, y, x) array per row of the affine ``m``: index -> q) at the grid indices
+    ``lo + stride * (0..count-1)``."""
     i, j, k = (lo[a] + stride * np.arange(counts[a], dtype=np.float32) for a in range(3))
     q = [
         (m[c, 0] * i)[None, None, :] + (m[c, 1] * j)[None, :, None] + (m[c, 2] * k + m[c, 3])[:, None, None]
-        for c in range(3)
+        for c in range(len(m))
     ]
     return [np.broadcast_to(a, (counts[2], counts[1], counts[0])) for a in q]
 
@@ -239,7 +240,7 @@ def _paint(labels: np.ndarray, index_to_world: np.ndarray, paint: _Paint) -> Non
     hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
     if np.any(hi <= lo):
         return
-    m = (paint.blob.world_to_local() @ index_to_world).astype(np.float32)  # index (i, j, k) -> local q
+    m = (paint.blob.world_to_local() @ index_to_world)[:3].astype(np.float32)  # index (i, j, k) -> local q
     n = hi - lo
     voxel = float(np.linalg.norm(index_to_world[:3, :3], axis=0).max())
     if paint.blob.radii.min() >= _COARSE_RADIUS_VOXELS * voxel and n.min() >= 8:
@@ -251,7 +252,8 @@ def _paint(labels: np.ndarray, index_to_world: np.ndarray, paint: _Paint) -> Non
     sub = labels[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
     ok = np.ones(sub.shape, dtype=bool) if paint.allowed is None else _lut(paint.allowed)[sub]
     if paint.cut is not None:
-        ok &= _local_coords(m, lo, n, 1)[paint.cut[0]] >= paint.cut[1]
+        axis, value = paint.cut
+        ok &= _local_coords(m[axis : axis + 1], lo, n, 1)[0] >= value
     for layer_lo, layer_hi, label in paint.layers:
         sub[ok & (rho >= layer_lo) & (rho < layer_hi)] = label
 
@@ -351,7 +353,7 @@ def _build_anatomy(rng: np.random.Generator) -> _Anatomy:
 
     paints = _pelvis(rng, c, gr)
 
-    # levator ani: a sling around gland and rectum, posterior-lateral only
+    # rectum behind the gland (its lumen holds the probe in TRUS), levator ani slung around both
     post = float(gland.surface([0, 1, 0])[1] - c[1])  # posterior extent of the gland along world y
     gap, wall = rng.uniform(1.5, 5), rng.uniform(2.5, 4.5)
     r0 = rng.uniform(9, 11)  # probe radius
@@ -359,15 +361,16 @@ def _build_anatomy(rng: np.random.Generator) -> _Anatomy:
     rect_rot = geometry.rotation_matrix([rng.uniform(-15, 5), rng.uniform(-4, 4), 0])
     rect_c = c + np.array([rng.uniform(-3, 3), post + gap + wall + lumen[1], rng.uniform(-5, 5)])
     rectum = _blob(rect_c, [lumen[0] + wall, lumen[1] + wall, 70], rect_rot, _coeffs(rng, 0.02))
-    lev_r = np.array([max(gr[0], lumen[0] + wall) + rng.uniform(5, 9), 0, rng.uniform(30, 40)])
-    lev_r[1] = (rect_c[1] + lumen[1] + wall - (c[1] - gr[1])) / 2 + rng.uniform(3, 6)
+    # levator: posterior-lateral part only (local y >= -0.3)
+    lev_r = np.array([max(gr[0], lumen[0] + wall) + rng.uniform(2, 5), 0, rng.uniform(30, 40)])
+    lev_r[1] = (rect_c[1] + lumen[1] + wall - (c[1] - gr[1])) / 2 + rng.uniform(1, 3)
     levator = _blob(
         [c[0], (rect_c[1] + lumen[1] + wall + c[1] - gr[1]) / 2, c[2] - 8],
         lev_r,
         rect_rot,
         _coeffs(rng, 0.03),
     )
-    lev_t = rng.uniform(4, 7) / lev_r[0]
+    lev_t = rng.uniform(3, 6) / lev_r[0]
     paints.append(_Paint(levator, ((1.0, 1.0 + lev_t, TISSUES["muscle"]),), None, (1, -0.3)))
     paints.append(_walled(rectum, "rectal_wall", "rectal_lumen", wall))
 
@@ -754,7 +757,7 @@ def _draw_acoustics(rng: np.random.Generator) -> dict:
     return {
         "echo": _table(2) * rng.uniform(0.85, 1.15, len(TISSUES) + 1).astype(np.float32),
         "frequency_mhz": rng.uniform(6.0, 9.0),
-        "tgc_db_cm_mhz": rng.uniform(0.6, 0.75),
+        "tgc_db_cm_mhz": rng.uniform(0.68, 0.8),
         "dynamic_range_db": rng.uniform(45, 60),
         "gain_db": rng.uniform(-3, 3),
         "psf_sigma_mm": [
@@ -762,7 +765,7 @@ def _draw_acoustics(rng: np.random.Generator) -> dict:
             rng.uniform(0.8, 1.2),
             rng.uniform(0.9, 1.5),
         ],  # ax, lat, elev
-        "specular_gain": rng.uniform(6, 10),
+        "specular_gain": rng.uniform(15, 25),
     }
 
 
@@ -816,9 +819,11 @@ def _simulate_rays(
     gain = (10 ** (tgc_db / 20) * ring)[None, :, None] * edge[None, None, :]
     envelope *= (10 ** (-loss_db / 20)) * gain.astype(np.float32)
 
-    reference = np.percentile(envelope[::2, ::2, ::2], 99.5) * 10 ** (acoustics["gain_db"] / 20)
-    db = 20 * np.log10(envelope / np.float32(reference) + np.float32(1e-6))
+    reference = 8 * np.median(envelope[::2, ::2, ::2]) * 10 ** (acoustics["gain_db"] / 20)
     dr = acoustics["dynamic_range_db"]
+    floor = np.float32(reference * 10 ** ((6 - dr) / 20))  # electronic noise, just above black
+    envelope += floor * rng.rayleigh(1.0, labels.shape).astype(np.float32)
+    db = 20 * np.log10(envelope / np.float32(reference) + np.float32(1e-6))
     return 1 + 254 * np.clip((db + np.float32(dr)) / np.float32(dr), 0, 1)
 
 
@@ -1025,9 +1030,16 @@ def generate_dataset(
     return folders
 
 
+def _trus_slice_at(trus: sitk.Image, gt: np.ndarray, mr_point) -> int:
+    """Index of the TRUS slice (along the probe) nearest an MR point."""
+    k = trus.TransformPhysicalPointToContinuousIndex(geometry.apply(gt, np.asarray(mr_point)).tolist())[2]
+    return int(np.clip(round(k), 0, trus.GetSize()[2] - 1))
+
+
 def write_preview(case_folder: Path, png: Path) -> Path:
-    """PNG of three axial MR slices through the gland: MR, TRUS resampled with ``gt``, their overlay (gland
-    outline in green), and the native TRUS fan slice nearest the same anatomy."""
+    """PNG of three axial MR slices through the gland: MR, TRUS resampled with ``gt`` (SimpleITK), their overlay
+    (TRUS in 'hot', transparent outside the fan; gland outline in green) and the native TRUS fan slice nearest
+    the same anatomy (probe at the bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1041,44 +1053,32 @@ def write_preview(case_folder: Path, png: Path) -> Path:
     aligned = sitk.GetArrayFromImage(sitk.Resample(trus, mr, geometry.to_sitk(gt), sitk.sitkLinear, 0.0))
     mr_arr, trus_arr = sitk.GetArrayFromImage(mr), sitk.GetArrayFromImage(trus)
     slices = np.flatnonzero(mask.any(axis=(1, 2)))
-    slices = (
-        slices[np.linspace(0, len(slices) - 1, 5).round().astype(int)[1:4]]
-        if len(slices)
-        else [len(mask) // 2] * 3
-    )
-    vmax = np.percentile(mr_arr, 99.5)
+    if len(slices) == 0:
+        slices = np.array([len(mask) // 2])
+    slices = slices[np.linspace(0, len(slices) - 1, 5).round().astype(int)[1:4]]
+    vmax = float(np.percentile(mr_arr, 99.5))
 
-    fig, axes = plt.subplots(3, 4, figsize=(16, 12))
+    fig, axes = plt.subplots(3, 4, figsize=(13, 10))
     for row, k in enumerate(slices):
+        rows, cols = np.nonzero(mask[k]) if mask[k].any() else np.indices(mask[k].shape).reshape(2, -1)
         centre = mr.TransformContinuousIndexToPhysicalPoint(
-            [mr_arr.shape[2] / 2, mr_arr.shape[1] / 2, float(k)]
+            [float(cols.mean()), float(rows.mean()), float(k)]
         )
-        trus_k = int(
-            np.clip(
-                round(
-                    trus.TransformPhysicalPointToContinuousIndex(
-                        geometry.apply(gt, np.array(centre)).tolist()
-                    )[2]
-                ),
-                0,
-                trus_arr.shape[0] - 1,
-            )
-        )
-        axes[row, 0].imshow(mr_arr[k], cmap="gray", vmin=0, vmax=vmax)
-        axes[row, 0].set_title(f"MR slice {k}")
-        axes[row, 1].imshow(aligned[k], cmap="gray", vmin=0, vmax=255)
-        axes[row, 1].set_title("TRUS resampled with gt")
-        axes[row, 2].imshow(mr_arr[k], cmap="gray", vmin=0, vmax=vmax)
-        axes[row, 2].imshow(np.ma.masked_equal(aligned[k], 0), cmap="hot", alpha=0.5, vmin=0, vmax=255)
-        axes[row, 2].contour(mask[k], levels=[0.5], colors="lime", linewidths=0.8)
-        axes[row, 2].set_title("overlay (gland outline)")
-        axes[row, 3].imshow(trus_arr[trus_k], cmap="gray", vmin=0, vmax=255, origin="lower")
-        axes[row, 3].set_title(f"TRUS native slice {trus_k}")
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.tight_layout()
+        trus_k = _trus_slice_at(trus, gt, centre)
+        panels = axes[row]
+        panels[0].imshow(mr_arr[k], cmap="gray", vmin=0, vmax=vmax)
+        panels[1].imshow(aligned[k], cmap="gray", vmin=0, vmax=255)
+        panels[2].imshow(mr_arr[k], cmap="gray", vmin=0, vmax=vmax)
+        panels[2].imshow(np.ma.masked_equal(aligned[k], 0), cmap="hot", alpha=0.5, vmin=0, vmax=255)
+        panels[2].contour(mask[k], levels=[0.5], colors="lime", linewidths=0.8)
+        panels[3].imshow(trus_arr[trus_k], cmap="gray", vmin=0, vmax=255, origin="lower")
+        titles = (f"MR slice {k}", "TRUS resampled with gt", "overlay, gland outline", f"TRUS slice {trus_k}")
+        for ax, title in zip(panels, titles, strict=True):
+            ax.set_axis_off()
+            ax.text(0.02, 0.98, title, color="yellow", fontsize=9, va="top", transform=ax.transAxes)
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=0.995, wspace=0.02, hspace=0.02)
     png = Path(png)
     with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=70)
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return png
