@@ -47,7 +47,15 @@ def test_round_trip_preserves_tensors_and_config(tmp_path):
     assert loaded["package_version"] == airreg.__version__
     assert loaded["path"] == str(path)
     assert len(loaded["sha256"]) == 64
-    for key in ("model_config", "train_config", "preprocessing", "calibration", "epoch", "history", "metadata"):
+    for key in (
+        "model_config",
+        "train_config",
+        "preprocessing",
+        "calibration",
+        "epoch",
+        "history",
+        "metadata",
+    ):
         assert loaded[key] == state[key]
     assert ModelConfig.from_dict(loaded["model_config"]) == preset("tiny")
     assert TrainConfig.from_dict(loaded["train_config"]) == TrainConfig(epochs=3)
@@ -118,11 +126,6 @@ def test_empty_file(tmp_path):
         checkpoint.load(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: checkpoint.load lets a KeyError from torch.load escape for some non-checkpoint files "
-    "(e.g. a text file 'hello world'); only UnpicklingError/RuntimeError/EOFError/ValueError/OSError are caught",
-)
 def test_text_file_as_model_is_a_model_error(tmp_path):
     path = tmp_path / "m.pt"
     path.write_bytes(b"hello world")
@@ -130,11 +133,6 @@ def test_text_file_as_model_is_a_model_error(tmp_path):
         checkpoint.load(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: random garbage bytes are reported as 'refused to load: ... would execute code' because every "
-    "pickle.UnpicklingError (also 'invalid load key') is taken for a code-executing pickle",
-)
 def test_garbage_file_is_reported_as_corrupt_not_as_code(tmp_path):
     path = tmp_path / "m.pt"
     path.write_bytes(np.random.default_rng(0).bytes(1000))

@@ -14,8 +14,13 @@ from airreg import geometry, resampling
 from airreg.resampling import GridSpec
 
 
-def smooth_volume(size_xyz=(30, 26, 14), spacing=(1.1, 0.8, 2.5), origin=(-31.0, 17.5, 40.0), angles=(8.0, -5.0, 23.0),
-                  seed=0) -> sitk.Image:
+def smooth_volume(
+    size_xyz=(30, 26, 14),
+    spacing=(1.1, 0.8, 2.5),
+    origin=(-31.0, 17.5, 40.0),
+    angles=(8.0, -5.0, 23.0),
+    seed=0,
+) -> sitk.Image:
     """An oblique, anisotropic, off-origin volume with smooth content in [0, 1]."""
     rng = np.random.default_rng(seed)
     array = ndimage.gaussian_filter(rng.normal(size=size_xyz[::-1]), sigma=(1.5, 3.0, 3.0))
@@ -60,7 +65,9 @@ SPEC = GridSpec((9, 20, 17), (2.0, 1.3, 1.1))
 def case_geometry(seed: int = 0):
     """(volume, frame, mr_to_volume, transform_in_frame): all oblique / non-trivial."""
     volume = smooth_volume(seed=seed)
-    frame = geometry.frame(geometry.rotation_matrix((-6.0, 4.0, 15.0)), resampling.physical_center(volume) + [1.5, -2.0, 0.5])
+    frame = geometry.frame(
+        geometry.rotation_matrix((-6.0, 4.0, 15.0)), resampling.physical_center(volume) + [1.5, -2.0, 0.5]
+    )
     mr_to_volume = geometry.RigidTransform((3.0, -2.0, 5.0), (1.0, 2.0, -1.5), (5.0, 5.0, 5.0)).matrix
     in_frame = geometry.RigidTransform.from_vector([2.0, -3.0, 11.0, 1.2, -0.7, 0.9], 6).matrix
     return volume, frame, mr_to_volume, in_frame
@@ -72,7 +79,9 @@ def test_sample_matches_simpleitk_resample(with_transform):
     transform = in_frame if with_transform else np.eye(4)
     lmat = resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame)
     ours = resampling.sample(
-        volume_tensor(volume), torch.as_tensor(lmat), SPEC,
+        volume_tensor(volume),
+        torch.as_tensor(lmat),
+        SPEC,
         torch.as_tensor(transform)[None] if with_transform else None,
     )[0].numpy()
 
@@ -110,7 +119,9 @@ def test_batch_equals_per_item():
     for seed in range(3):
         volume, frame, mr_to_volume, in_frame = case_geometry(seed)
         vols.append(volume_tensor(volume))
-        lmats.append(torch.as_tensor(resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame)))
+        lmats.append(
+            torch.as_tensor(resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame))
+        )
         transforms.append(torch.as_tensor(in_frame) if seed != 1 else torch.eye(4, dtype=torch.float64))
     batch = resampling.sample(torch.cat(vols), torch.stack(lmats), SPEC, torch.stack(transforms))
     assert batch.shape == (3, *SPEC.size)
@@ -140,7 +151,9 @@ def test_input_not_modified_in_place():
 def test_dtype_is_kept(dtype):
     volume, frame, mr_to_volume, in_frame = case_geometry()
     lmat = torch.as_tensor(resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame))
-    reference = resampling.sample(volume_tensor(volume, torch.float64), lmat, SPEC, torch.as_tensor(in_frame)[None])
+    reference = resampling.sample(
+        volume_tensor(volume, torch.float64), lmat, SPEC, torch.as_tensor(in_frame)[None]
+    )
     out = resampling.sample(volume_tensor(volume, dtype), lmat, SPEC, torch.as_tensor(in_frame)[None])
     assert out.dtype == dtype
     assert out.shape == reference.shape
@@ -156,7 +169,9 @@ def test_gradient_wrt_parameters_is_finite_and_nonzero(dof):
     target = resampling.sample(volume_tensor(volume, torch.float32), lmat, SPEC)
     start = [4.0, 1.0, -1.0] if dof == 3 else [2.0, -1.5, 4.0, 1.0, -1.0, 0.5]
     params = torch.tensor([start], requires_grad=True)
-    out = resampling.sample(volume_tensor(volume, torch.float32), lmat, SPEC, resampling.rigid_matrices(params, dof))
+    out = resampling.sample(
+        volume_tensor(volume, torch.float32), lmat, SPEC, resampling.rigid_matrices(params, dof)
+    )
     loss = ((out - target) ** 2).mean()
     loss.backward()
     assert params.grad is not None

@@ -55,10 +55,13 @@ def load(path: str | os.PathLike | None = None, map_location: str | torch.device
     try:
         data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"{path}: refused to load: the file holds objects that would execute code (not a weights-only checkpoint)"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function reference
+            raise ModelError(
+                f"{path}: refused to load: the file holds objects that would execute code "
+                "(not a weights-only checkpoint)"
+            ) from exc
+        raise ModelError(f"{path}: corrupt or not a model file (unreadable pickle data)") from exc
+    except Exception as exc:  # torch.load raises many types on garbage (KeyError, RuntimeError, EOFError ...)
         raise ModelError(f"{path}: corrupt or not a model file ({type(exc).__name__})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelError(f"{path}: not an AIRRegistration checkpoint")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .errors import AirRegError
+from .fileio import check_writable, write_text
 
 DISCLAIMER = (
     "The bundled model was trained on synthetic phantoms only: it is not for clinical use until trained and "
@@ -102,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=20261125, help="phantom seed (never used in training)")
     p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "benchmark",
+        help="AIR-net against mutual information, elastix and simple baselines: TRE, time, memory, throughput",
+    )
+    p.add_argument("--data", type=Path, required=True, help="held-out cases with ground truth")
+    p.add_argument("--out", type=Path, required=True, help="folder for benchmark.json, benchmark.md and PNGs")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--dof", choices=("3", "6", "both"), default="both", help="start protocol(s)")
+    p.add_argument("--quick", action="store_true", help="3 cases, short optimisations (a smoke test)")
+    p.add_argument("--seed", type=int, default=4242, help="seed of the random starts (same for every method)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (for AIR-net)")
+    p.add_argument("--no-elastix", action="store_true", help="skip elastix even if itk-elastix is installed")
     return parser
 
 
@@ -146,7 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_threads=args.threads,
     )
     model = train(args.data, args.out, preset(args.preset, args.dof), cfg, args.resume, args.device)
-    print(f"model written to {model}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model written to {model}")
     return 0
 
 
@@ -155,6 +171,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .geometry import read_transform, write_matrix_text, write_transform
     from .registration import Registrar
 
+    for output in (args.out_transform, args.ras_matrix, args.report, args.overlay):
+        if output is not None:
+            check_writable(output)
     mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
     initial = read_transform(args.init) if args.init else None
     registrar = Registrar.from_checkpoint(args.model, args.device, args.iterations, args.tolerance)
@@ -163,8 +182,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.ras_matrix:
         write_matrix_text(args.ras_matrix, result.mr_to_trus)
     if args.report:
-        from .fileio import write_text
-
         write_text(args.report, json.dumps(result.report(str(args.out_transform)), indent=2))
     if args.overlay:
         from .evaluation import overlay_png
@@ -228,6 +245,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import command_line, run_benchmark
+
+    report = run_benchmark(
+        args.data,
+        args.out,
+        args.model,
+        dofs=(3, 6) if args.dof == "both" else (int(args.dof),),
+        quick=args.quick,
+        seed=args.seed,
+        device=args.device,
+        elastix=not args.no_elastix,
+        command=command_line(args),
+    )
+    print(report["markdown"])
+    print(f"wrote {args.out}/: benchmark.json, benchmark.md, tre_boxplots.png, dscore_vs_tre.png")
+    return 0
+
+
 COMMANDS = {
     "phantom": _cmd_phantom,
     "train": _cmd_train,
@@ -235,6 +271,7 @@ COMMANDS = {
     "score": _cmd_score,
     "evaluate": _cmd_evaluate,
     "demo": _cmd_demo,
+    "benchmark": _cmd_benchmark,
 }
 
 
@@ -244,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AirRegError as exc:
+        print(f"airreg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output that cannot be written (disk full, permissions ...)
         print(f"airreg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

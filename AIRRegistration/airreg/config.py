@@ -3,7 +3,7 @@
 Presets:
 
 * ``paper``   — the paper's size: 256x256 in-plane, 26 slices, 128 filters (needs a GPU to train).
-* ``default`` — 64x64 in-plane at 1.25 mm, 16 slices at 3 mm, 32 filters: trains on a laptop CPU.
+* ``default`` — 48x48 in-plane at 1.6 mm (77 mm), 16 slices at 3 mm, 32 filters: trains on a laptop CPU.
 * ``tiny``    — a 24x24x6 grid and 8 filters, for tests and smoke runs only.
 """
 
@@ -70,6 +70,9 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0: one pass over the training cases per epoch (rounded up to whole batches)
     lr_g: float = 3e-4
     lr_d: float = 1e-4
+    cosine_lr: bool = (
+        True  # learning rates decay along a cosine to 5 % over the epochs (stateless: resumes exactly)
+    )
     n_critic: int = 2  # paper: G is updated once per two D updates
     clip: float = 0.01  # paper: critic weights clipped to +-0.01 (WGAN)
     lambda_param: float = 1.0  # weight of the parameter distance in G's loss
@@ -102,7 +105,7 @@ class TrainConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(grid=GridSpec((26, 256, 256), (3.0, 0.6, 0.6)), width=128),
-    "default": ModelConfig(grid=GridSpec((16, 64, 64), (3.0, 1.25, 1.25)), width=32),
+    "default": ModelConfig(grid=GridSpec((16, 48, 48), (3.0, 1.6, 1.6)), width=32),
     "tiny": ModelConfig(grid=GridSpec((6, 24, 24), (6.0, 3.5, 3.5)), width=8, hidden=32),
 }
 

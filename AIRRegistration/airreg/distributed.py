@@ -7,7 +7,9 @@ single process. NCCL is used on CUDA, Gloo on CPU.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,11 +53,27 @@ def init(requested_device: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(requested_device, local_rank)
+    if world > 1 and device.type == "cuda":
+        device = _rank_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistContext(rank, world, device)
+
+
+def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """One GPU per process: cuda:LOCAL_RANK (an explicit cuda:N would put every rank on the same GPU, which NCCL
+    rejects); cuda:0 when the launcher binds one visible GPU to each process."""
+    count = torch.cuda.device_count()
+    index = local_rank if local_rank < count else 0 if count == 1 else None
+    if index is None:
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} but only {count} CUDA devices: start one process per GPU"
+        )
+    if device.index not in (None, index):
+        print(f"airreg: under torchrun each process uses its own GPU: cuda:{index}, not {device}")
+    return torch.device(f"cuda:{index}")
 
 
 def shutdown(ctx: DistContext) -> None:
@@ -65,6 +83,15 @@ def shutdown(ctx: DistContext) -> None:
 
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
+        dist.barrier()
+
+
+def wait_for_file(ctx: DistContext, path: Path, poll_seconds: float = 1.0) -> None:
+    """Other ranks wait until rank 0 has written ``path`` (polling, so no collective timeout applies), then all
+    ranks meet at a barrier. ``path`` must be on a file system that all nodes share."""
+    if ctx.distributed:
+        while not ctx.is_main and not Path(path).exists():
+            time.sleep(poll_seconds)
         dist.barrier()
 
 

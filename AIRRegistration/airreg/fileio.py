@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -40,3 +42,18 @@ def atomic_write(target: str | os.PathLike, writer: Callable[[Path], None]) -> P
 def write_text(target: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
     return atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def check_writable(target: str | os.PathLike) -> Path:
+    """Fail early, before any work or output, when ``target`` cannot be written as a file."""
+    path = Path(target)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; expected a file name for the output")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{path}: cannot be written because {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise InputError(f"{path}: folder {parent} is not writable")
+            break
+    return path

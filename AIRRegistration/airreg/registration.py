@@ -202,6 +202,8 @@ class Registrar:
         ``iterations`` overrides the registrar's number of generator passes for this call.
         """
         n_iter = self.iterations if iterations is None else iterations
+        if n_iter < 1:
+            raise InputError(f"iterations must be >= 1, got {n_iter}")
         report = progress or (lambda fraction, message: None)
         t0 = time.perf_counter()
         start = centers_aligned(mr, trus) if initial is None else np.asarray(initial, dtype=float)

@@ -28,8 +28,8 @@ from . import geometry
 class GridSpec:
     """The network's sampling grid, in the frame of the MR volume (see module docstring)."""
 
-    size: tuple[int, int, int] = (16, 64, 64)
-    spacing: tuple[float, float, float] = (3.0, 1.25, 1.25)
+    size: tuple[int, int, int] = (16, 48, 48)
+    spacing: tuple[float, float, float] = (3.0, 1.6, 1.6)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(v) for v in self.size))

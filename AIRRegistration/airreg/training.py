@@ -244,7 +244,8 @@ class Trainer:
         return preprocessing.sample_trus(trus, self.model.grid, self.model.dof, transform)
 
     def autocast(self):
-        enabled = self.cfg.amp and self.ctx.device.type == "cuda"
+        # torch.autocast raises on CUDA devices without bf16 (pre-Ampere); they run in float32
+        enabled = self.cfg.amp and self.ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # -- updates
@@ -309,10 +310,20 @@ class Trainer:
             "train_tre": tre.item(),
         }
 
+    def set_learning_rates(self, epoch: int) -> None:
+        """Cosine decay from the configured rates to 5 % of them at the last epoch (or constant rates)."""
+        factor = 1.0
+        if self.cfg.cosine_lr and self.cfg.epochs > 1:
+            factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / (self.cfg.epochs - 1)))
+        for opt, base in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * factor
+
     def train_epoch(self, cache: CaseCache, epoch: int, steps: int, progress: bool) -> dict:
         """Run one epoch; returns the epoch's mean losses (averaged over ranks) and timing."""
         self.g.train()
         self.d.train()
+        self.set_learning_rates(epoch)
         sums: dict[str, float] = {}
         wait = 0.0
         start = time.perf_counter()
@@ -474,7 +485,8 @@ def split_caches(root: Path, out: Path, trainer: Trainer, progress: bool) -> tup
                 for f in tqdm(chosen, desc=f"reading {name}", disable=not progress)
             ]
             build_cache(cases, trainer.model, trainer.normalization, folder, progress)
-        distributed.barrier(ctx)
+        # not a bare barrier: building a large cache may outlast the process group's timeout
+        distributed.wait_for_file(ctx, folder / "ids.json")
         caches.append(open_cache(folder))
     return caches[0], caches[1]
 
@@ -515,7 +527,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         train_cache, val_cache = split_caches(Path(data_root), out, trainer, progress)
         steps = cfg.steps_per_epoch or max(1, math.ceil(len(train_cache) / trainer.global_batch_size))
-        best = math.inf
+        best = min((row["val_tre_after"] for row in trainer.history), default=math.inf)
         for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
             row = {"epoch": epoch, **trainer.train_epoch(train_cache, epoch, steps, progress)}
             row.update(trainer.validate(val_cache))
