@@ -1,7 +1,9 @@
 """Turning the critic's raw value into something a clinician can act on.
 
-The WGAN critic's output is not a probability. On validation cases we record pairs (critic value, TRE) for
-alignments ranging from exact to grossly wrong and store them in the checkpoint; from them:
+The WGAN critic's output is not a probability. On validation cases we record pairs (statistic of D, TRE) for
+alignments ranging from exact to grossly wrong and store them in the checkpoint, the statistic being the raw critic
+value or its contrast against small displacements (see :mod:`airreg.scoring`; calibration keeps the better one).
+In what follows "critic" means that statistic. From the pairs:
 
 * ``expected_tre_mm`` — a monotone (non-increasing) isotonic fit of TRE against the critic value;
 * ``p_failure(tol)`` — P(TRE > tol | critic), a one-dimensional logistic fit made for the tolerance the user
@@ -91,10 +93,13 @@ class Calibration:
 
     critic: tuple[float, ...]
     tre_mm: tuple[float, ...]
+    statistic: str = "critic"  # which statistic of D the values are (see scoring.py)
 
     def __post_init__(self) -> None:
         if len(self.critic) != len(self.tre_mm) or len(self.critic) < 4:
             raise ValueError("calibration needs at least 4 (critic, TRE) pairs of equal length")
+        if self.statistic not in ("critic", "contrast"):
+            raise ValueError(f"unknown calibration statistic {self.statistic!r}")
 
     @property
     def _knots(self) -> tuple[np.ndarray, np.ndarray]:
@@ -120,11 +125,15 @@ class Calibration:
         return float(1.0 / (1.0 + np.exp(-(critic - float(np.median(c))) / scale)))
 
     def to_dict(self) -> dict:
-        return {"critic": [float(v) for v in self.critic], "tre_mm": [float(v) for v in self.tre_mm]}
+        return {
+            "critic": [float(v) for v in self.critic],
+            "tre_mm": [float(v) for v in self.tre_mm],
+            "statistic": self.statistic,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
-        return cls(tuple(data["critic"]), tuple(data["tre_mm"]))
+        return cls(tuple(data["critic"]), tuple(data["tre_mm"]), data.get("statistic", "critic"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from . import checkpoint as ckpt
-from . import preprocessing, resampling
+from . import preprocessing, resampling, scoring
 from .config import ModelConfig
 from .distributed import select_device
 from .errors import InputError, ModelError
@@ -179,11 +179,17 @@ class Registrar:
     def _critic(
         self, pair: preprocessing.PreparedPair, transforms: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Critic values and TRUS coverage of the grid for (B, 4, 4) frame transforms."""
-        x = self._sample(pair, transforms)
-        mr = pair.mr[None].expand(x.shape[0], *pair.mr.shape)
-        coverage = (x > 0).float().mean(dim=(1, 2, 3))
-        return self.d(mr, x).cpu().numpy(), coverage.cpu().numpy()
+        """The calibrated statistic of D (see scoring.py) and the TRUS coverage of the grid for (B, 4, 4)
+        frame transforms."""
+        b = transforms.shape[0]
+        coverage = (self._sample(pair, transforms) > 0).float().mean(dim=(1, 2, 3))
+        volume = pair.trus_cache[None, None].expand(b, 1, *pair.trus_cache.shape)
+        from_cache = torch.as_tensor(
+            preprocessing.cache_to_index(self.config.grid, self.config.dof), device=self.device
+        ).float()
+        mr = pair.mr[None].expand(b, *pair.mr.shape)
+        stats = scoring.judge(self.d, mr, volume, from_cache, transforms, self.config.grid, self.config.dof)
+        return stats[self.calibration.statistic].cpu().numpy(), coverage.cpu().numpy()
 
     def _verdict(self, critic: float, coverage: float) -> QualityResult:
         return assess(critic, self.calibration, self.tolerance_mm, coverage)

@@ -36,17 +36,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import data, distributed, preprocessing, resampling
+from . import data, distributed, preprocessing, resampling, scoring
 from .config import DiscriminatorFakes, ModelConfig, TrainConfig
 from .errors import InputError, ModelError
 from .fileio import atomic_write, write_text
 from .geometry import apply, invert
 from .intensity import NormalizationSpec
 from .networks import Discriminator, Generator
-from .quality import Calibration
+from .quality import Calibration, auroc
 
 #: TRE recorded for calibration pairs with no meaningful alignment (other patient, blank TRUS).
 GROSS_FAILURE_TRE_MM = 30.0
+#: TRE (mm) above which an alignment counts as poor when the calibration picks its statistic.
+QUALITY_REFERENCE_MM = 5.0
 #: Number of target points per case for transform-derived TRE when a case has no landmarks.
 MASK_POINTS = 16
 
@@ -188,6 +190,7 @@ class Batch:
     points: torch.Tensor
     perturb: torch.Tensor
     target: torch.Tensor
+    magnitude: torch.Tensor  # (B,) in [0, 2): size of the graded misalignments shown to D
 
 
 class Trainer:
@@ -229,11 +232,12 @@ class Trainer:
         params = draw_perturbations(
             gen, global_bs, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm
         )
+        magnitude = shard(torch.rand(global_bs, generator=gen) * 2, self.ctx).to(self.ctx.device)
         index, params = shard(index, self.ctx), shard(params, self.ctx).to(self.ctx.device)
         mr, trus, pts = cache.batch(index, self.ctx.device)
         perturb = resampling.rigid_matrices(params, self.model.dof)
         target = resampling.matrix_params(resampling.invert_rigid(perturb), self.model.dof)
-        return Batch(mr, trus, pts, perturb, target)
+        return Batch(mr, trus, pts, perturb, target, magnitude)
 
     @property
     def global_batch_size(self) -> int:
@@ -250,19 +254,27 @@ class Trainer:
 
     # -- updates
 
-    def fakes(
-        self, b: Batch, x_start: torch.Tensor, x_est: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`)."""
+    def fakes(self, b: Batch, x_est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`).
+
+        ``all``: a quarter G's estimates, half misalignments of random size (0 to 2x the perturbation range, so
+        the critic learns a graded score rather than a yes/no), a quarter gross failures cycling through another
+        case's TRUS, swapped modalities and a blank TRUS.
+        """
         if self.cfg.d_fakes == DiscriminatorFakes.ESTIMATES:
             return b.mr, x_est
         n = b.mr.shape[0]
-        q = max(1, n // 8)
+        n_est, n_graded = max(1, n // 4), max(1, n // 2)
+        graded = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
+        x_graded = self.sample(b.trus, graded)
         x_gt = self.sample(b.trus, None)
-        mr_parts = [b.mr[: n // 2], b.mr[n // 2 : n // 2 + n // 4]]
-        trus_parts = [x_est[: n // 2], x_start[n // 2 : n // 2 + n // 4]]
-        mr_parts += [b.mr[:q], x_gt[:q], b.mr[:q]]
-        trus_parts += [torch.roll(x_gt, 1, dims=0)[:q], b.mr[:q], torch.zeros_like(x_gt[:q])]
+        other = torch.roll(x_gt, 1, dims=0)
+        mr_parts = [b.mr[:n_est], b.mr[n_est : n_est + n_graded]]
+        trus_parts = [x_est[:n_est], x_graded[n_est : n_est + n_graded]]
+        for i in range(n_est + n_graded, n):
+            kind = i % 3  # another case's TRUS, swapped modalities, blank TRUS
+            mr_parts.append(x_gt[i : i + 1] if kind == 1 else b.mr[i : i + 1])
+            trus_parts.append((other, b.mr, torch.zeros_like(x_gt))[kind][i : i + 1])
         return torch.cat(mr_parts), torch.cat(trus_parts)
 
     def critic_step(self, b: Batch) -> dict:
@@ -272,7 +284,7 @@ class Trainer:
             theta = self.g_ddp(b.mr, x_start).float()
             x_est = self.sample(b.trus, b.perturb @ resampling.rigid_matrices(theta, self.model.dof))
             x_gt = self.sample(b.trus, None)
-            fake_mr, fake_trus = self.fakes(b, x_start, x_est)
+            fake_mr, fake_trus = self.fakes(b, x_est)
         n_real = b.mr.shape[0]
         with self.autocast():
             critic = self.d_ddp(torch.cat([b.mr, fake_mr]), torch.cat([x_gt, fake_trus])).float()
@@ -396,32 +408,50 @@ class Trainer:
 
     @torch.no_grad()
     def calibrate(self, cache: CaseCache, per_case: int = 24) -> Calibration:
-        """Critic values and TRE on validation cases over a wide range of misalignments (see quality.py)."""
+        """Quality statistics and TRE on validation cases over misalignments from none to twice the training
+        range, G's estimates and gross failures; keeps the statistic that best flags TRE > 5 mm (scoring.py)."""
         self.g.eval()
         self.d.eval()
+        grid, dof = self.model.grid, self.model.dof
+        from_cache = torch.as_tensor(preprocessing.cache_to_index(grid, dof), device=self.ctx.device)
+        from_stack = torch.linalg.inv(torch.as_tensor(grid.index_to_frame(), device=self.ctx.device))
         gen = step_generator(self.cfg.seed + 2, 0, 0)
-        critic, tre = [], []
-        for i in range(len(cache)):
-            mr, trus, pts = cache.batch(np.full(per_case, i), self.ctx.device)
-            magnitude = torch.linspace(0.0, 2.0, per_case)[:, None]
-            params = draw_perturbations(
-                gen, per_case, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm
-            )
-            perturb = resampling.rigid_matrices((params * magnitude).to(self.ctx.device), self.model.dof)
-            x_start = self.sample(trus, perturb)
-            estimate = perturb @ resampling.rigid_matrices(self.g(mr, x_start), self.model.dof)
-            for transform in (perturb, estimate):
-                critic.append(self.d(mr, self.sample(trus, transform)).cpu())
-                tre.append(tre_in_frame(transform, pts).cpu())
-            other = cache.batch(np.array([(i + 1) % len(cache)]), self.ctx.device)[1]
-            x_gt = self.sample(trus[:1], None)
-            gross = [(mr[:1], self.sample(other, None)), (mr[:1], torch.zeros_like(x_gt)), (x_gt, mr[:1])]
-            for g_mr, g_trus in gross:
-                critic.append(self.d(g_mr, g_trus).cpu())
-                tre.append(torch.tensor([GROSS_FAILURE_TRE_MM]))
-        c, t = torch.cat(critic).numpy(), torch.cat(tre).numpy()
-        keep = np.isfinite(c) & np.isfinite(t)
-        return Calibration(tuple(c[keep].tolist()), tuple(t[keep].tolist()))
+        values: dict[str, list] = {name: [] for name in scoring.STATISTICS}
+        tre = []
+
+        def record(mr, volume, lmat, transforms, errors) -> None:
+            stats = scoring.judge(self.d, mr, volume, lmat.float(), transforms, grid, dof)
+            for name in scoring.STATISTICS:
+                values[name].append(stats[name].cpu())
+            tre.append(errors.cpu())
+
+        with torch.no_grad():
+            for i in range(len(cache)):
+                mr, trus, pts = cache.batch(np.full(per_case, i), self.ctx.device)
+                magnitude = torch.linspace(0.0, 2.0, per_case)[:, None]
+                params = draw_perturbations(
+                    gen, per_case, dof, self.cfg.rotation_deg, self.cfg.translation_mm
+                )
+                perturb = resampling.rigid_matrices((params * magnitude).to(self.ctx.device), dof)
+                estimate = perturb @ resampling.rigid_matrices(self.g(mr, self.sample(trus, perturb)), dof)
+                for transform in (perturb, estimate):
+                    record(mr, trus, from_cache, transform, tre_in_frame(transform, pts))
+                eye = torch.eye(4, device=self.ctx.device)[None]
+                gross_tre = torch.tensor([GROSS_FAILURE_TRE_MM])
+                other = cache.batch(np.array([(i + 1) % len(cache)]), self.ctx.device)[1]
+                record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS
+                record(mr[:1], torch.zeros_like(trus[:1]), from_cache, eye, gross_tre)  # blank TRUS
+                swapped_mr = self.sample(trus[:1], None)  # TRUS given as MR and MR as TRUS
+                record(swapped_mr, mr[:1, None], from_stack, eye, gross_tre)
+        t = torch.cat(tre).numpy()
+        choices = {}
+        for name in scoring.STATISTICS:
+            c = torch.cat(values[name]).numpy()
+            keep = np.isfinite(c) & np.isfinite(t)
+            choices[name] = (auroc(-c[keep], t[keep] > QUALITY_REFERENCE_MM), c[keep], t[keep])
+        name = max(choices, key=lambda k: choices[k][0])
+        _, c, t = choices[name]
+        return Calibration(tuple(c.tolist()), tuple(t.tolist()), statistic=name)
 
     # -- checkpoints
 
