@@ -72,6 +72,7 @@ def torchrun(
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "OMP_NUM_THREADS": "1",
+        "PYTHONIOENCODING": "utf-8",  # tqdm's bars are not ASCII; CI may run with the C locale
         **(env_extra or {}),
     }
     cmd = [
@@ -85,7 +86,9 @@ def torchrun(
         "train",
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=TIMEOUT_S
+    )
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc
 

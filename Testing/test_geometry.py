@@ -232,3 +232,13 @@ def test_nonlinear_itk_file_is_rejected(tmp_path: Path) -> None:
     sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(tmp_path / "field.h5"))
     with pytest.raises(InputError, match="field.h5"):
         geometry.read_transform(tmp_path / "field.h5")
+
+
+def test_orthonormalized_makes_a_float32_rotation_exactly_rigid():
+    from airreg.geometry import orthonormalized
+
+    m = geometry.RigidTransform((3.0, -7.0, 40.0), (1.0, 2.0, 3.0)).matrix.astype(np.float32).astype(float)
+    fixed = orthonormalized(m)
+    assert np.abs(fixed[:3, :3].T @ fixed[:3, :3] - np.eye(3)).max() < 1e-14
+    assert np.abs(fixed - m).max() < 1e-6
+    np.testing.assert_array_equal(fixed[:3, 3], m[:3, 3])

@@ -277,6 +277,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit status (2 for bad input)."""
+    for stream in (sys.stdout, sys.stderr):  # reports hold non-ASCII (ρ, µ, ±): never crash on a C locale
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

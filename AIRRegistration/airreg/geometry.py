@@ -158,6 +158,17 @@ class RigidTransform:
         return apply(self.matrix, points)
 
 
+def orthonormalized(matrix: np.ndarray) -> np.ndarray:
+    """The nearest proper rigid matrix (rotation projected onto SO(3) by SVD), e.g. after float32 arithmetic,
+    so that its transpose is its inverse to float64 precision."""
+    m = np.array(matrix, dtype=float)
+    u, _, vt = np.linalg.svd(m[:3, :3])
+    if np.linalg.det(u @ vt) < 0:
+        u[:, -1] *= -1
+    m[:3, :3] = u @ vt
+    return m
+
+
 def invert(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a rigid 4x4 matrix, exact (transpose) rather than numerical."""
     m = np.asarray(matrix, dtype=float)

@@ -22,7 +22,7 @@ import torch
 
 from . import resampling
 from .errors import InputError
-from .geometry import to_world
+from .geometry import orthonormalized, to_world
 from .intensity import NormalizationSpec
 from .resampling import GridSpec
 
@@ -111,4 +111,4 @@ def sample_trus(
 
 def frame_transform_to_world(pair: PreparedPair, transform_in_frame: np.ndarray) -> np.ndarray:
     """MR->TRUS LPS matrix of ``start ∘ (frame transform)``: where an estimate in the grid frame lands."""
-    return pair.start @ to_world(np.asarray(transform_in_frame, dtype=float), pair.frame)
+    return orthonormalized(pair.start @ to_world(np.asarray(transform_in_frame, dtype=float), pair.frame))
