@@ -204,3 +204,14 @@ def test_default_model_path_points_into_the_package():
     package = Path(airreg.__file__).resolve().parent
     assert path.resolve().parent == package / "models"
     assert path.name == checkpoint.DEFAULT_MODEL_NAME and path.suffix == ".pt"
+
+
+def test_bundled_model_names_resolve_inside_the_package(tmp_path, monkeypatch):
+    from airreg import checkpoint as ckpt_module
+
+    monkeypatch.chdir(tmp_path)
+    assert ckpt_module.resolve(None) == ckpt_module.default_model_path()
+    assert ckpt_module.resolve("phantom-3dof") == ckpt_module.default_model_path()
+    assert ckpt_module.resolve("no-such-model") == Path("no-such-model")  # not a bundled name: stays a path
+    (tmp_path / "phantom-3dof").write_bytes(b"x")  # a real file of that name wins
+    assert ckpt_module.resolve("phantom-3dof") == Path("phantom-3dof")

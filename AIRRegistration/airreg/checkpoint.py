@@ -35,7 +35,22 @@ _REQUIRED = ("model_config", "preprocessing", "generator", "discriminator")
 
 def default_model_path() -> Path:
     """The bundled model, trained on synthetic phantoms (see models/MODEL_CARD.md)."""
-    return Path(str(resources.files("airreg.models").joinpath(DEFAULT_MODEL_NAME)))
+    return bundled_model_path(DEFAULT_MODEL_NAME)
+
+
+def bundled_model_path(name: str) -> Path:
+    """Path of a model file shipped in ``airreg/models``."""
+    return Path(str(resources.files("airreg.models").joinpath(name)))
+
+
+def resolve(path: str | os.PathLike | None) -> Path:
+    """A model path: ``None`` is the default model; a bundled model's name (``phantom-3dof``, ``phantom-6dof``)
+    is that model unless a file of that name exists."""
+    if path is None:
+        return default_model_path()
+    path = Path(path)
+    bundled = bundled_model_path(f"airnet-{path.name}.pt")
+    return bundled if not path.exists() and path.parent == Path(".") and bundled.is_file() else path
 
 
 def save(path: str | os.PathLike, checkpoint: dict) -> Path:
@@ -48,7 +63,7 @@ def save(path: str | os.PathLike, checkpoint: dict) -> Path:
 
 def load(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> dict:
     """Load and check a checkpoint without executing code; ``None`` loads the bundled default model."""
-    path = default_model_path() if path is None else Path(path)
+    path = resolve(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     raw = path.read_bytes()

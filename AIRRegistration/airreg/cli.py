@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
 
+    p = sub.add_parser(
+        "calibrate", help="recompute a model's quality calibration (D-score -> expected error)"
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file to calibrate")
+    p.add_argument("--data", type=Path, required=True, help="case folders with ground truth")
+    p.add_argument("--out", type=Path, required=True, help="calibrated model file to write")
+    p.add_argument(
+        "--split",
+        choices=("val", "all"),
+        default="val",
+        help="val: the validation cases of the training split (default); all: every case",
+    )
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("register", help="register a TRUS volume (moving) to an MR volume (fixed)")
     _pair_arguments(p)
     p.add_argument(
@@ -88,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="the paper's protocol on cases with ground truth: TRE and D-score before/after"
     )
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    _model_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dof", type=int, choices=(3, 6), help="perturbation protocol (default: the model's)")
     p.add_argument("--iterations", type=int, default=3)
@@ -102,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--seed", type=int, default=20261125, help="phantom seed (never used in training)")
-    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    _model_argument(p)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser(
@@ -111,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, required=True, help="held-out cases with ground truth")
     p.add_argument("--out", type=Path, required=True, help="folder for benchmark.json, benchmark.md and PNGs")
-    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    _model_argument(p)
     p.add_argument("--dof", choices=("3", "6", "both"), default="both", help="start protocol(s)")
     p.add_argument("--quick", action="store_true", help="3 cases, short optimisations (a smoke test)")
     p.add_argument("--seed", type=int, default=4242, help="seed of the random starts (same for every method)")
@@ -120,12 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model file, or the name of a bundled model: phantom-3dof (default) or phantom-6dof "
+        "(both trained on synthetic phantoms only)",
+    )
+
+
 def _pair_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mr", type=Path, required=True, help="MR volume (fixed): any SimpleITK format or a DICOM folder"
     )
     p.add_argument("--trus", type=Path, required=True, help="TRUS volume (moving)")
-    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    _model_argument(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--tolerance", type=float, default=5.0, help="error (mm) above which the result is flagged"
@@ -163,6 +186,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = train(args.data, args.out, preset(args.preset, args.dof), cfg, args.resume, args.device)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {model}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .training import recalibrate
+
+    check_writable(args.out)
+    print(
+        f"calibrated model written to {recalibrate(args.model, args.data, args.out, args.split, args.device)}"
+    )
     return 0
 
 
@@ -267,6 +300,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 COMMANDS = {
     "phantom": _cmd_phantom,
     "train": _cmd_train,
+    "calibrate": _cmd_calibrate,
     "register": _cmd_register,
     "score": _cmd_score,
     "evaluate": _cmd_evaluate,

@@ -591,3 +591,46 @@ def train(
         return final
     finally:
         distributed.shutdown(ctx)
+
+
+def recalibrate(
+    model: Path, data_root: Path, out: Path, split: str = "val", device: str = "auto", progress: bool = True
+) -> Path:
+    """Recompute a model's quality calibration and write the model with it to ``out``.
+
+    ``split="val"`` uses the validation cases of the training split of ``data_root`` (the same seeded 5:1 split,
+    so no training case is used); ``split="all"`` uses every case, for a separate calibration set. The cache is
+    kept beside ``out``.
+    """
+    if split not in ("val", "all"):
+        raise InputError(f"split must be 'val' or 'all', got {split!r}")
+    state = ckpt.load(model)
+    ctx = distributed.DistContext(0, 1, distributed.select_device(device))
+    trainer = Trainer(
+        ModelConfig.from_dict(state["model_config"]),
+        TrainConfig.from_dict(state["train_config"]),
+        ctx,
+        NormalizationSpec.from_dict(state["preprocessing"]["normalization"]),
+    )
+    trainer.g.load_state_dict(state["generator"])
+    trainer.d.load_state_dict(state["discriminator"])
+    if split == "val":
+        cache = split_caches(Path(data_root), out.parent / f"{out.stem}-calibration", trainer, progress)[1]
+    else:
+        cases = data.load_dataset(Path(data_root), require_gt=True, progress=progress)
+        key = cache_key(trainer.model, trainer.normalization, [c.case_id for c in cases])
+        folder = out.parent / f"{out.stem}-calibration" / "cache" / f"all-{key}"
+        cache = (
+            open_cache(folder)
+            if (folder / "ids.json").exists()
+            else build_cache(cases, trainer.model, trainer.normalization, folder, progress)
+        )
+    calibration = trainer.calibrate(cache)
+    exported = ckpt.export_for_inference(state)
+    exported["calibration"] = calibration.to_dict()
+    exported["metadata"] = {
+        **state.get("metadata", {}),
+        "calibration_cases": len(cache),
+        "calibration_split": split,
+    }
+    return ckpt.save(out, exported)
