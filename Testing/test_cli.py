@@ -263,3 +263,39 @@ def test_unwritable_report_leaves_no_partial_output(inputs, tmp_path, capsys):
         str(blocker / "r.json"),
     ]
     run_failing(args, out, capsys, blocker)
+
+
+def test_calibrate_rewrites_only_the_calibration(tiny_dataset, tiny_model, tmp_path, capsys):
+    import torch
+
+    from airreg import checkpoint, scoring
+
+    out = tmp_path / "calibrated.pt"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(tiny_dataset),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    before, after = checkpoint.load(tiny_model), checkpoint.load(out)
+    assert after["calibration"]["statistic"] in scoring.STATISTICS
+    assert after["metadata"]["calibration_split"] == "val"
+    assert after["metadata"]["calibration_cases"] == before["metadata"]["val_cases"]
+    assert "optimizer_g" not in after
+    for key, tensor in before["generator"].items():
+        assert torch.equal(tensor, after["generator"][key])
+    assert (
+        main(["calibrate", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(tmp_path)])
+        == 2
+    )
+    assert "is a folder" in capsys.readouterr().err

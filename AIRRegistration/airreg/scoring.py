@@ -57,13 +57,10 @@ def judge(
     Returns:
         ``{"critic": (B,), "contrast": (B,)}``.
     """
-    b = transforms.shape[0]
     raw = critic(mr, resampling.sample(trus_volume, volume_from_frame, grid, transforms))
     probes = probe_matrices(dof, transforms.device)
-    k = probes.shape[0]
-    moved = (transforms[:, None] @ probes[None]).reshape(b * k, 4, 4)
-    volumes = trus_volume.repeat_interleave(k, dim=0)
-    around = critic(
-        mr.repeat_interleave(k, dim=0), resampling.sample(volumes, volume_from_frame, grid, moved)
+    # one probe at a time: the volumes are sampled in place, never copied per probe
+    around = torch.stack(
+        [critic(mr, resampling.sample(trus_volume, volume_from_frame, grid, transforms @ p)) for p in probes]
     )
-    return {"critic": raw, "contrast": raw - around.reshape(b, k).mean(dim=1)}
+    return {"critic": raw, "contrast": raw - around.mean(dim=0)}

@@ -497,8 +497,10 @@ class Trainer:
 # --- the whole run -----------------------------------------------------------------------------------
 
 
-def split_caches(root: Path, out: Path, trainer: Trainer, progress: bool) -> tuple[CaseCache, CaseCache]:
-    """Read the dataset, split it by case (seeded 5:1), and build or reuse the train/validation caches."""
+def split_caches(
+    root: Path, out: Path, trainer: Trainer, progress: bool, subsets: tuple[str, ...] = ("train", "val")
+) -> list[CaseCache]:
+    """Read the dataset, split it by case (seeded 5:1), and build or reuse the caches of the named subsets."""
     ctx, cfg = trainer.ctx, trainer.cfg
     folders = data.list_cases(root)
     if len(folders) < 2:
@@ -507,6 +509,8 @@ def split_caches(root: Path, out: Path, trainer: Trainer, progress: bool) -> tup
     train_ids, val_ids = data.split_cases(ids, cfg.val_fraction, cfg.seed)
     caches = []
     for name, subset in (("train", train_ids), ("val", val_ids)):
+        if name not in subsets:
+            continue
         folder = out / "cache" / f"{name}-{cache_key(trainer.model, trainer.normalization, subset)}"
         if ctx.is_main and not (folder / "ids.json").exists():
             chosen = [f for f in folders if f.name in set(subset)]
@@ -518,7 +522,7 @@ def split_caches(root: Path, out: Path, trainer: Trainer, progress: bool) -> tup
         # not a bare barrier: building a large cache may outlast the process group's timeout
         distributed.wait_for_file(ctx, folder / "ids.json")
         caches.append(open_cache(folder))
-    return caches[0], caches[1]
+    return caches
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
@@ -615,7 +619,9 @@ def recalibrate(
     trainer.g.load_state_dict(state["generator"])
     trainer.d.load_state_dict(state["discriminator"])
     if split == "val":
-        cache = split_caches(Path(data_root), out.parent / f"{out.stem}-calibration", trainer, progress)[1]
+        cache = split_caches(
+            Path(data_root), out.parent / f"{out.stem}-calibration", trainer, progress, ("val",)
+        )[0]
     else:
         cases = data.load_dataset(Path(data_root), require_gt=True, progress=progress)
         key = cache_key(trainer.model, trainer.normalization, [c.case_id for c in cases])
