@@ -23,8 +23,9 @@ PAPER_TRANSLATION_MM = 5.0
 class DiscriminatorFakes(str, Enum):
     """Which misaligned pairs the critic is shown as "fake".
 
-    ``estimates``: only G's outputs (the paper's reading). ``all``: also the perturbed starts, pairs from
-    different cases, swapped modalities and blank TRUS, so that D can flag gross failures (our default).
+    ``estimates``: only G's outputs (the paper's reading). ``all`` (our default): a quarter G's outputs, half
+    misalignments of random size (0 to 2x the perturbation range, for a graded score) and a quarter gross failures
+    (another case's TRUS, swapped modalities, blank TRUS), so that D can flag failures of every size.
     """
 
     ESTIMATES = "estimates"

@@ -8,8 +8,8 @@ Per iteration, for a batch of cases with their TRUS cached in MR space (see :mod
   graph (spatial transformer), so G's loss is differentiable through the resampling;
 * the critic D is updated ``n_critic`` (2) times with ``L_D = mean D(fakes) - mean D(x_gt)`` and its weights
   clipped to ±0.01 (WGAN); fakes are G's estimates and, with ``d_fakes=all`` (our default, see
-  :class:`~airreg.config.DiscriminatorFakes`), also the perturbed starts, pairs of different cases, swapped
-  modalities and blank TRUS, so that the D-score flags gross failures;
+  :class:`~airreg.config.DiscriminatorFakes`), also misalignments of random size and gross failures (another
+  case's TRUS, swapped modalities, blank TRUS), so that the D-score grades errors and flags gross failures;
 * G is updated with ``L_G = -w_adv · mean D(x_est) + λ · ‖θ - θ*‖²``, θ* = parameters of ``P⁻¹``, where the
   rotation error (radians) is multiplied by ``rotation_radius_mm`` so that every term is a distance in mm.
 
