@@ -299,3 +299,20 @@ def test_calibrate_rewrites_only_the_calibration(tiny_dataset, tiny_model, tmp_p
         == 2
     )
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_bundled_model_comes_with_the_phantom_disclaimer(inputs, capsys):
+    assert main(["score", *pair_args(inputs), "--transform", str(inputs["gt"])]) == 0
+    assert "synthetic phantoms" not in capsys.readouterr().out  # a model of one's own: no disclaimer
+    args = [
+        "score",
+        "--mr",
+        str(inputs["mr"]),
+        "--trus",
+        str(inputs["trus"]),
+        "--transform",
+        str(inputs["gt"]),
+    ]
+    for model in ([], ["--model", "phantom-3dof"]):
+        assert main([*args, *model, "--device", "cpu"]) == 0
+        assert "trained on synthetic phantoms only" in capsys.readouterr().out

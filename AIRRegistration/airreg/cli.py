@@ -223,7 +223,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
             registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
         )
     _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}")
-    if args.model is None:
+    if _is_bundled(args.model):
         print(DISCLAIMER)
     return 0
 
@@ -237,7 +237,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     registrar = Registrar.from_checkpoint(args.model, args.device, tolerance_mm=args.tolerance)
     verdict = registrar.score(mr, trus, read_transform(args.transform))
     _print_verdict(verdict, f"D-score {verdict.d_score:.2f}")
+    if _is_bundled(args.model):
+        print(DISCLAIMER)
     return 0
+
+
+def _is_bundled(model: Path | None) -> bool:
+    """Whether a --model value names one of the models trained on phantoms that ship with the package."""
+    from .checkpoint import default_model_path, resolve
+
+    return resolve(model).parent == default_model_path().parent
 
 
 def _print_verdict(verdict, head: str) -> None:
