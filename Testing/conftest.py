@@ -35,6 +35,12 @@ class SyntheticCase:
     trus_points: np.ndarray
 
 
+#: Keys every registration report must hold (issue 3).
+REPORT_KEYS = frozenset(
+    {"d_score_before", "d_score", "estimated_tre_mm", "quality", "transform_file", "model", "seconds"}
+)
+
+
 def smooth_blobs(shape_zyx, seed: int, sigma=(1.0, 3.0, 3.0)) -> np.ndarray:
     """Smoothed random blobs in [0, 1] (float32), shape (z, y, x)."""
     rng = np.random.default_rng(seed)

@@ -12,16 +12,7 @@ import torch
 from airreg import checkpoint, geometry, resampling
 from airreg.errors import InputError
 from airreg.registration import Registrar, centers_aligned
-
-REPORT_KEYS = {
-    "d_score_before",
-    "d_score",
-    "estimated_tre_mm",
-    "quality",
-    "transform_file",
-    "model",
-    "seconds",
-}
+from conftest import REPORT_KEYS
 
 
 @pytest.fixture(scope="module")

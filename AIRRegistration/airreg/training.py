@@ -254,23 +254,28 @@ class Trainer:
 
     # -- updates
 
-    def fakes(self, b: Batch, x_est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`).
+    def estimates(self, b: Batch, count: int) -> torch.Tensor:
+        """TRUS stacks resampled through G's estimates from the perturbed starts, for the first ``count`` items."""
+        trus, perturb = b.trus[:count], b.perturb[:count]
+        theta = self.g_ddp(b.mr[:count], self.sample(trus, perturb)).float()
+        return self.sample(trus, perturb @ resampling.rigid_matrices(theta, self.model.dof))
+
+    def fakes(self, b: Batch, x_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`); ``x_gt`` is the aligned TRUS.
 
         ``all``: a quarter G's estimates, half misalignments of random size (0 to 2x the perturbation range, so
         the critic learns a graded score rather than a yes/no), a quarter gross failures cycling through another
-        case's TRUS, swapped modalities and a blank TRUS.
+        case's TRUS, swapped modalities and a blank TRUS. Only the stacks that are shown are computed.
         """
-        if self.cfg.d_fakes == DiscriminatorFakes.ESTIMATES:
-            return b.mr, x_est
         n = b.mr.shape[0]
+        if self.cfg.d_fakes == DiscriminatorFakes.ESTIMATES:
+            return b.mr, self.estimates(b, n)
         n_est, n_graded = max(1, n // 4), max(1, n // 2)
-        graded = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
-        x_graded = self.sample(b.trus, graded)
-        x_gt = self.sample(b.trus, None)
+        graded = slice(n_est, n_est + n_graded)
+        misalign = resampling.rigid_matrices(b.target[graded] * b.magnitude[graded, None], self.model.dof)
+        mr_parts = [b.mr[:n_est], b.mr[graded]]
+        trus_parts = [self.estimates(b, n_est), self.sample(b.trus[graded], misalign)]
         other = torch.roll(x_gt, 1, dims=0)
-        mr_parts = [b.mr[:n_est], b.mr[n_est : n_est + n_graded]]
-        trus_parts = [x_est[:n_est], x_graded[n_est : n_est + n_graded]]
         for i in range(n_est + n_graded, n):
             kind = i % 3  # another case's TRUS, swapped modalities, blank TRUS
             mr_parts.append(x_gt[i : i + 1] if kind == 1 else b.mr[i : i + 1])
@@ -280,11 +285,8 @@ class Trainer:
     def critic_step(self, b: Batch) -> dict:
         """One critic update with weight clipping; returns its losses."""
         with torch.no_grad(), self.autocast():
-            x_start = self.sample(b.trus, b.perturb)
-            theta = self.g_ddp(b.mr, x_start).float()
-            x_est = self.sample(b.trus, b.perturb @ resampling.rigid_matrices(theta, self.model.dof))
             x_gt = self.sample(b.trus, None)
-            fake_mr, fake_trus = self.fakes(b, x_est)
+            fake_mr, fake_trus = self.fakes(b, x_gt)
         n_real = b.mr.shape[0]
         with self.autocast():
             critic = self.d_ddp(torch.cat([b.mr, fake_mr]), torch.cat([x_gt, fake_trus])).float()
