@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--d-fakes", choices=("all", "estimates"), default="all", help="what D is shown as misaligned"
     )
+    p.add_argument(
+        "--critic-constraint",
+        choices=("clip", "gp"),
+        default="clip",
+        help="clip: weight clipping (paper); gp: gradient penalty (WGAN-GP)",
+    )
+    p.add_argument("--gp-weight", type=float, default=10.0, help="weight of the gradient penalty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", type=Path, help="continue from a training checkpoint (last.pt)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -82,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="val: the validation cases of the training split (default); all: every case",
     )
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "refine-critic",
+        help="train D alone against a trained model's frozen G, then recalibrate (a sharper D-score)",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file from airreg train")
+    p.add_argument("--data", type=Path, required=True, help="the training data (same split is used)")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (G unchanged, new D)")
+    p.add_argument("--steps", type=int, default=3000, help="critic updates")
+    p.add_argument("--constraint", choices=("gp", "clip"), default="gp", help="gp (default) or clip")
+    p.add_argument("--lr", type=float, default=1e-4, help="critic learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--keep-critic", action="store_true", help="start from the model's D instead of a fresh one"
+    )
+    p.add_argument("--check-every", type=int, default=500, help="steps between validation AUROC checks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
 
     p = sub.add_parser("register", help="register a TRUS volume (moving) to an MR volume (fixed)")
     _pair_arguments(p)
@@ -178,6 +203,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr_d=args.lr_d,
         lambda_param=args.lambda_param,
         d_fakes=args.d_fakes,
+        critic_constraint=args.critic_constraint,
+        gp_weight=args.gp_weight,
         seed=args.seed,
         amp=not args.no_amp,
         compile=args.compile,
@@ -196,6 +223,31 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(
         f"calibrated model written to {recalibrate(args.model, args.data, args.out, args.split, args.device)}"
     )
+    return 0
+
+
+def _cmd_refine_critic(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import CriticConstraint
+    from .training import refine_critic
+
+    check_writable(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = refine_critic(
+        args.model,
+        args.data,
+        args.out,
+        args.steps,
+        CriticConstraint(args.constraint),
+        lr_d=args.lr,
+        batch_size=args.batch_size,
+        fresh=not args.keep_critic,
+        check_every=args.check_every,
+        device=args.device,
+    )
+    print(f"model with the refined critic written to {path}")
     return 0
 
 
@@ -312,6 +364,7 @@ COMMANDS = {
     "calibrate": _cmd_calibrate,
     "register": _cmd_register,
     "score": _cmd_score,
+    "refine-critic": _cmd_refine_critic,
     "evaluate": _cmd_evaluate,
     "demo": _cmd_demo,
     "benchmark": _cmd_benchmark,

@@ -64,6 +64,28 @@ def loss_curves(history: Sequence[dict], png: Path) -> Path:
     return _save(fig, png)
 
 
+def critic_curves(history: Sequence[dict], png: Path) -> Path:
+    """Critic refinement: Wasserstein estimate and penalty per step, and the validation AUROC of the flag."""
+    plt = _pyplot()
+    steps = np.array([row["step"] for row in history])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("wasserstein", "Wasserstein estimate"), ("gradient_penalty", "gradient penalty")):
+        values = np.array([row.get(key, np.nan) for row in history], dtype=float)
+        if np.isfinite(values).any():
+            ax1.plot(steps, values, lw=0.8, label=label)
+    ax1.set_xlabel("critic step")
+    ax1.set_title("critic refinement")
+    ax1.legend(fontsize=8)
+    checked = [row for row in history if "val_auroc" in row]
+    ax2.plot([row["step"] for row in checked], [row["val_auroc"] for row in checked], marker="o")
+    ax2.set_ylim(0.4, 1.0)
+    ax2.set_xlabel("critic step")
+    ax2.set_ylabel("AUROC, TRE > 5 mm")
+    ax2.set_title("validation: quality flag")
+    fig.tight_layout()
+    return _save(fig, png)
+
+
 def fusion_panels(
     mr_slices: Sequence[np.ndarray],
     trus_slices: Sequence[np.ndarray],

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import data, distributed, preprocessing, resampling, scoring
-from .config import DiscriminatorFakes, ModelConfig, TrainConfig
+from .config import CriticConstraint, DiscriminatorFakes, ModelConfig, TrainConfig
 from .errors import InputError, ModelError
 from .fileio import atomic_write, write_text
 from .geometry import apply, invert
@@ -191,6 +191,7 @@ class Batch:
     perturb: torch.Tensor
     target: torch.Tensor
     magnitude: torch.Tensor  # (B,) in [0, 2): size of the graded misalignments shown to D
+    mix: torch.Tensor  # (B,) in [0, 1): interpolation weights of the gradient penalty
 
 
 class Trainer:
@@ -217,7 +218,11 @@ class Trainer:
         if train.compile:
             self.g_ddp, self.d_ddp = torch.compile(self.g_ddp), torch.compile(self.d_ddp)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=train.lr_g, betas=(0.5, 0.999))
-        self.opt_d = torch.optim.RMSprop(self.d.parameters(), lr=train.lr_d)
+        self.opt_d = (
+            torch.optim.Adam(self.d.parameters(), lr=train.lr_d, betas=(0.5, 0.9))
+            if train.critic_constraint == CriticConstraint.GP
+            else torch.optim.RMSprop(self.d.parameters(), lr=train.lr_d)
+        )
         self.epoch = 0
         self.history: list[dict] = []
         self.calibration: Calibration | None = None
@@ -233,11 +238,12 @@ class Trainer:
             gen, global_bs, self.model.dof, self.cfg.rotation_deg, self.cfg.translation_mm
         )
         magnitude = shard(torch.rand(global_bs, generator=gen) * 2, self.ctx).to(self.ctx.device)
+        mix = shard(torch.rand(global_bs, generator=gen), self.ctx).to(self.ctx.device)
         index, params = shard(index, self.ctx), shard(params, self.ctx).to(self.ctx.device)
         mr, trus, pts = cache.batch(index, self.ctx.device)
         perturb = resampling.rigid_matrices(params, self.model.dof)
         target = resampling.matrix_params(resampling.invert_rigid(perturb), self.model.dof)
-        return Batch(mr, trus, pts, perturb, target, magnitude)
+        return Batch(mr, trus, pts, perturb, target, magnitude, mix)
 
     @property
     def global_batch_size(self) -> int:
@@ -283,21 +289,40 @@ class Trainer:
         return torch.cat(mr_parts), torch.cat(trus_parts)
 
     def critic_step(self, b: Batch) -> dict:
-        """One critic update with weight clipping; returns its losses."""
+        """One critic update, Lipschitz by weight clipping or a gradient penalty; returns its losses."""
         with torch.no_grad(), self.autocast():
             x_gt = self.sample(b.trus, None)
             fake_mr, fake_trus = self.fakes(b, x_gt)
-        n_real = b.mr.shape[0]
+        n = b.mr.shape[0]
+        mr, trus = [b.mr, fake_mr], [x_gt, fake_trus]
+        penalised = self.cfg.critic_constraint == CriticConstraint.GP
+        if penalised:  # interpolates go through the same (single) forward pass, as DDP expects
+            w = b.mix[:, None, None, None]
+            mixed = (
+                (w * b.mr + (1 - w) * fake_mr).requires_grad_(),
+                (w * x_gt + (1 - w) * fake_trus).requires_grad_(),
+            )
+            mr.append(mixed[0])
+            trus.append(mixed[1])
         with self.autocast():
-            critic = self.d_ddp(torch.cat([b.mr, fake_mr]), torch.cat([x_gt, fake_trus])).float()
-        loss = critic[n_real:].mean() - critic[:n_real].mean()
+            critic = self.d_ddp(torch.cat(mr), torch.cat(trus)).float()
+        distance = critic[n : 2 * n].mean() - critic[:n].mean()
+        logs = {"wasserstein": -distance.item()}
+        loss = distance
+        if penalised:
+            grads = torch.autograd.grad(critic[2 * n :].sum(), mixed, create_graph=True)
+            norm = torch.sqrt(sum(g.float().pow(2).flatten(1).sum(1) for g in grads) + 1e-12)
+            penalty = ((norm - 1) ** 2).mean()
+            loss = distance + self.cfg.gp_weight * penalty
+            logs["gradient_penalty"] = penalty.item()
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
-        with torch.no_grad():
-            for p in self.d.parameters():
-                p.clamp_(-self.cfg.clip, self.cfg.clip)
-        return {"loss_d": loss.item(), "wasserstein": -loss.item()}
+        if not penalised:
+            with torch.no_grad():
+                for p in self.d.parameters():
+                    p.clamp_(-self.cfg.clip, self.cfg.clip)
+        return {"loss_d": loss.item(), **logs}
 
     def generator_step(self, b: Batch) -> dict:
         """One generator update through the spatial transformer; returns its losses and the batch TRE."""
@@ -527,19 +552,24 @@ def split_caches(
     return caches
 
 
-def write_logs(out: Path, history: list[dict]) -> None:
-    """Training log as CSV and the loss curves (paper Fig. 2) as PNG."""
-    from .plotting import loss_curves
-
+def write_history_csv(path: Path, history: list[dict]) -> None:
+    """Per-epoch (or per-step) metric rows as one CSV, written atomically."""
     keys = sorted({k for row in history for k in row})
 
-    def write_csv(path: Path) -> None:
-        with path.open("w", newline="") as fh:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
 
-    atomic_write(out / "log.csv", write_csv)
+    atomic_write(path, write)
+
+
+def write_logs(out: Path, history: list[dict]) -> None:
+    """Training log as CSV and the loss curves (paper Fig. 2) as PNG."""
+    from .plotting import loss_curves
+
+    write_history_csv(out / "log.csv", history)
     loss_curves(history, out / "loss_curves.png")
 
 
@@ -642,3 +672,94 @@ def recalibrate(
         "calibration_split": split,
     }
     return ckpt.save(out, exported)
+
+
+def quality_auroc(calibration: Calibration) -> float:
+    """AUROC with which a calibration's statistic flags TRE > 5 mm (higher statistic = better alignment)."""
+    c, t = np.array(calibration.critic), np.array(calibration.tre_mm)
+    return auroc(-c, t > QUALITY_REFERENCE_MM)
+
+
+def refine_critic(
+    model: Path,
+    data_root: Path,
+    out: Path,
+    steps: int,
+    constraint: CriticConstraint = CriticConstraint.GP,
+    lr_d: float = 1e-4,
+    batch_size: int = 32,
+    fresh: bool = True,
+    check_every: int = 500,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train D alone against the frozen G of a trained model, recalibrate it, and write the model to ``out``.
+
+    During adversarial training the critic must keep up with a moving G and, clipped, has little capacity left
+    to grade misalignments. Trained afterwards with G fixed (same fakes, same train/validation split, draws
+    never used in training), it becomes a better judge of alignment; G, and so the registration, is unchanged.
+    Every ``check_every`` steps the AUROC of the quality statistic on the validation cases is logged. Caches go
+    in ``out``'s folder (a training run folder reuses the run's caches).
+    """
+    if steps < 1:
+        raise InputError(f"critic refinement needs at least 1 step, got {steps}")
+    state = ckpt.load(model)
+    cfg = replace(
+        TrainConfig.from_dict(state["train_config"]),
+        critic_constraint=constraint,
+        lr_d=lr_d,
+        batch_size=batch_size,
+    )
+    ctx = distributed.DistContext(0, 1, distributed.select_device(device))
+    trainer = Trainer(
+        ModelConfig.from_dict(state["model_config"]),
+        cfg,
+        ctx,
+        NormalizationSpec.from_dict(state["preprocessing"]["normalization"]),
+    )
+    trainer.g.load_state_dict(state["generator"])
+    trainer.g.requires_grad_(False)
+    if not fresh:
+        trainer.d.load_state_dict(state["discriminator"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train_cache, val_cache = split_caches(Path(data_root), out.parent, trainer, progress)
+    history: list[dict] = []
+    start = time.perf_counter()
+    epoch = cfg.epochs + 1  # batch draws never used in adversarial training
+    for step in tqdm(range(1, steps + 1), desc="critic", disable=not progress, unit="it"):
+        trainer.g.eval()
+        trainer.d.train()
+        row = {"step": step, **trainer.critic_step(trainer.draw_batch(train_cache, epoch, step, 0))}
+        if step % check_every == 0 or step == steps:
+            calibration = trainer.calibrate(val_cache, per_case=8)
+            row.update(val_auroc=quality_auroc(calibration), statistic=calibration.statistic)
+            tqdm.write(f"step {step}: validation AUROC {row['val_auroc']:.3f} ({calibration.statistic})")
+        history.append(row)
+    calibration = trainer.calibrate(val_cache)
+    exported = ckpt.export_for_inference(state)
+    exported["discriminator"] = trainer.d.state_dict()
+    exported["train_config"] = cfg.to_dict()
+    exported["calibration"] = calibration.to_dict()
+    exported["metadata"] = {
+        **state.get("metadata", {}),
+        "critic_refinement": {
+            "steps": steps,
+            "constraint": constraint.value,
+            "lr_d": lr_d,
+            "batch_size": batch_size,
+            "fresh_critic": fresh,
+            "seconds": round(time.perf_counter() - start, 1),
+            "validation_auroc": quality_auroc(calibration),
+            "from_model_sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
+        },
+    }
+    write_refinement_log(out.parent / f"{out.stem}-critic", history)
+    return ckpt.save(out, exported)
+
+
+def write_refinement_log(prefix: Path, history: list[dict]) -> None:
+    """The critic refinement's log as CSV and its curves (critic loss, validation AUROC) as PNG."""
+    from .plotting import critic_curves
+
+    write_history_csv(prefix.with_name(prefix.name + "-log.csv"), history)
+    critic_curves(history, prefix.with_name(prefix.name + "-curves.png"))

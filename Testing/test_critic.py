@@ -1,0 +1,121 @@
+"""The critic's Lipschitz constraints (clip, gradient penalty) and the critic refinement of a trained model."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from airreg import checkpoint, distributed, training
+from airreg.cli import main
+from airreg.config import CriticConstraint, TrainConfig, preset
+from airreg.errors import InputError
+from airreg.registration import Registrar
+from airreg.training import Trainer
+from conftest import TINY_TRAIN_KW
+
+
+def trainer_with(constraint: str, **kw) -> Trainer:
+    ctx = distributed.DistContext(0, 1, torch.device("cpu"))
+    cfg = TrainConfig(**{**TINY_TRAIN_KW, "critic_constraint": constraint, **kw})
+    return Trainer(preset("tiny"), cfg, ctx)
+
+
+@pytest.fixture(scope="module")
+def train_cache(tiny_run):
+    return training.open_cache(next((tiny_run / "cache").glob("train-*")))
+
+
+def test_constraint_is_recorded_and_selects_the_optimiser():
+    assert isinstance(trainer_with("clip").opt_d, torch.optim.RMSprop)
+    gp = trainer_with("gp")
+    assert isinstance(gp.opt_d, torch.optim.Adam) and gp.opt_d.defaults["betas"] == (0.5, 0.9)
+    assert TrainConfig.from_dict(gp.cfg.to_dict()).critic_constraint is CriticConstraint.GP
+    assert gp.cfg.to_dict()["critic_constraint"] == "gp"
+
+
+def test_clipped_critic_stays_within_the_clip(train_cache):
+    trainer = trainer_with("clip", lr_d=0.05)
+    logs = trainer.critic_step(trainer.draw_batch(train_cache, 1, 0, 0))
+    assert "gradient_penalty" not in logs
+    assert max(p.abs().max().item() for p in trainer.d.parameters()) <= trainer.cfg.clip + 1e-9
+
+
+def test_gradient_penalty_matches_a_direct_computation(train_cache):
+    trainer = trainer_with("gp", lr_d=0.05)
+    b = trainer.draw_batch(train_cache, 1, 0, 0)
+    # the penalty on the interpolates, computed independently before the update changes D
+    with torch.no_grad():
+        x_gt = trainer.sample(b.trus, None)
+        fake_mr, fake_trus = trainer.fakes(b, x_gt)
+    w = b.mix[:, None, None, None]
+    mr = (w * b.mr + (1 - w) * fake_mr).requires_grad_()
+    trus = (w * x_gt + (1 - w) * fake_trus).requires_grad_()
+    grads = torch.autograd.grad(trainer.d(mr, trus).sum(), (mr, trus))
+    norm = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
+    expected = ((norm - 1) ** 2).mean().item()
+    logs = trainer.critic_step(b)
+    assert logs["gradient_penalty"] == pytest.approx(expected, rel=1e-4)
+    assert logs["loss_d"] == pytest.approx(-logs["wasserstein"] + 10.0 * expected, rel=1e-4, abs=1e-6)
+    # a penalised critic is not clipped: a large step leaves weights beyond the clip bound
+    assert max(p.abs().max().item() for p in trainer.d.parameters()) > trainer.cfg.clip
+
+
+def test_gradient_penalty_reduces_the_gradient_norm_error(train_cache):
+    trainer = trainer_with("gp", lr_d=3e-3, gp_weight=100.0)
+    penalties = [trainer.critic_step(trainer.draw_batch(train_cache, 1, 0, 0))["gradient_penalty"]]
+    for _ in range(15):
+        penalties.append(trainer.critic_step(trainer.draw_batch(train_cache, 1, 0, 0))["gradient_penalty"])
+    assert penalties[-1] < 0.2 * penalties[0]  # the critic is pushed towards gradient norm 1
+
+
+@pytest.fixture(scope="module")
+def refined(tiny_dataset, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refined") / "refined.pt"
+    path = training.refine_critic(
+        tiny_model, tiny_dataset, out, steps=4, batch_size=4, check_every=2, device="cpu", progress=False
+    )
+    return path
+
+
+def test_refinement_keeps_the_generator_and_replaces_the_critic(refined, tiny_model):
+    before, after = checkpoint.load(tiny_model), checkpoint.load(refined)
+    for name, value in before["generator"].items():
+        assert torch.equal(value, after["generator"][name]), name
+    assert any(not torch.equal(v, after["discriminator"][k]) for k, v in before["discriminator"].items())
+    assert after["train_config"]["critic_constraint"] == "gp"
+    info = after["metadata"]["critic_refinement"]
+    assert info["steps"] == 4 and info["constraint"] == "gp" and info["fresh_critic"] is True
+    assert 0.0 <= info["validation_auroc"] <= 1.0
+    assert after["calibration"]["statistic"] in ("critic", "contrast")
+    assert "optimizer_d" not in after
+
+
+def test_refinement_log_and_curves(refined):
+    rows = list(csv.DictReader((refined.parent / "refined-critic-log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["gradient_penalty"]) >= 0 for r in rows)
+    assert [r["val_auroc"] != "" for r in rows] == [False, True, False, True]
+    assert (refined.parent / "refined-critic-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refined_model_registers(refined, tiny_case):
+    result = Registrar.from_checkpoint(refined, device="cpu").register(tiny_case.mr, tiny_case.trus)
+    assert 0.0 <= result.d_score <= 1.0 and result.quality in ("ok", "warning")
+
+
+def test_refinement_needs_a_step(tiny_dataset, tiny_model, tmp_path):
+    with pytest.raises(InputError, match="at least 1 step"):
+        training.refine_critic(tiny_model, tiny_dataset, tmp_path / "m.pt", steps=0, device="cpu")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_cli_refine_critic(tiny_dataset, tiny_model, tmp_path, capsys):
+    out = tmp_path / "cli.pt"
+    args = ["refine-critic", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(out)]
+    assert main([*args, "--steps", "2", "--batch-size", "4", "--keep-critic", "--device", "cpu"]) == 0
+    assert checkpoint.load(out)["metadata"]["critic_refinement"]["fresh_critic"] is False
+    assert "refined critic written" in capsys.readouterr().out
+    assert main([*args, "--steps", "0"]) == 2
+    assert "at least 1 step" in capsys.readouterr().err
