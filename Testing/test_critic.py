@@ -9,7 +9,7 @@ import torch
 
 from airreg import checkpoint, distributed, training
 from airreg.cli import main
-from airreg.config import CriticConstraint, TrainConfig, preset
+from airreg.config import CriticConstraint, CriticObjective, TrainConfig, preset
 from airreg.errors import InputError
 from airreg.registration import Registrar
 from airreg.training import Trainer
@@ -70,38 +70,60 @@ def test_gradient_penalty_reduces_the_gradient_norm_error(train_cache):
     assert penalties[-1] < 0.2 * penalties[0]  # the critic is pushed towards gradient norm 1
 
 
-@pytest.fixture(scope="module")
-def refined(tiny_dataset, tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("refined") / "refined.pt"
-    path = training.refine_critic(
-        tiny_model, tiny_dataset, out, steps=4, batch_size=4, check_every=2, device="cpu", progress=False
+def test_ranking_step_learns_to_order_alignments_by_tre(train_cache):
+    trainer = trainer_with("gp", lr_d=1e-3)
+    b = trainer.draw_batch(train_cache, 1, 0, 0)
+    first = trainer.ranking_step(b)
+    assert 0.0 <= first["rank_accuracy"] <= 1.0 and first["loss_d"] > 0
+    for _ in range(30):  # the same batch: its pairs end up ordered
+        logs = trainer.ranking_step(b)
+    assert logs["loss_d"] < first["loss_d"] and logs["rank_accuracy"] == 1.0
+
+
+@pytest.fixture(scope="module", params=["rank", "wgan"])
+def refined(request, tiny_dataset, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"refined-{request.param}") / "refined.pt"
+    training.refine_critic(
+        tiny_model,
+        tiny_dataset,
+        out,
+        steps=4,
+        objective=CriticObjective(request.param),
+        batch_size=4,
+        check_every=2,
+        device="cpu",
+        progress=False,
     )
-    return path
+    return request.param, out
 
 
 def test_refinement_keeps_the_generator_and_replaces_the_critic(refined, tiny_model):
-    before, after = checkpoint.load(tiny_model), checkpoint.load(refined)
+    objective, path = refined
+    before, after = checkpoint.load(tiny_model), checkpoint.load(path)
     for name, value in before["generator"].items():
         assert torch.equal(value, after["generator"][name]), name
     assert any(not torch.equal(v, after["discriminator"][k]) for k, v in before["discriminator"].items())
-    assert after["train_config"]["critic_constraint"] == "gp"
+    assert after["train_config"] == before["train_config"]  # how G and D were trained adversarially
     info = after["metadata"]["critic_refinement"]
-    assert info["steps"] == 4 and info["constraint"] == "gp" and info["fresh_critic"] is True
+    assert info["objective"] == objective and info["steps"] == 4 and info["fresh_critic"] is False
+    assert info["constraint"] == ("gp" if objective == "wgan" else None)
     assert 0.0 <= info["validation_auroc"] <= 1.0
     assert after["calibration"]["statistic"] in ("critic", "contrast")
     assert "optimizer_d" not in after
 
 
 def test_refinement_log_and_curves(refined):
-    rows = list(csv.DictReader((refined.parent / "refined-critic-log.csv").open()))
+    objective, path = refined
+    rows = list(csv.DictReader((path.parent / "refined-critic-log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert all(float(r["gradient_penalty"]) >= 0 for r in rows)
+    key = "rank_accuracy" if objective == "rank" else "gradient_penalty"
+    assert all(float(r[key]) >= 0 for r in rows)
     assert [r["val_auroc"] != "" for r in rows] == [False, True, False, True]
-    assert (refined.parent / "refined-critic-curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (path.parent / "refined-critic-curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_refined_model_registers(refined, tiny_case):
-    result = Registrar.from_checkpoint(refined, device="cpu").register(tiny_case.mr, tiny_case.trus)
+    result = Registrar.from_checkpoint(refined[1], device="cpu").register(tiny_case.mr, tiny_case.trus)
     assert 0.0 <= result.d_score <= 1.0 and result.quality in ("ok", "warning")
 
 
@@ -114,8 +136,9 @@ def test_refinement_needs_a_step(tiny_dataset, tiny_model, tmp_path):
 def test_cli_refine_critic(tiny_dataset, tiny_model, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     args = ["refine-critic", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(out)]
-    assert main([*args, "--steps", "2", "--batch-size", "4", "--keep-critic", "--device", "cpu"]) == 0
-    assert checkpoint.load(out)["metadata"]["critic_refinement"]["fresh_critic"] is False
+    assert main([*args, "--steps", "2", "--batch-size", "4", "--fresh", "--device", "cpu"]) == 0
+    info = checkpoint.load(out)["metadata"]["critic_refinement"]
+    assert info["fresh_critic"] is True and info["objective"] == "rank"
     assert "refined critic written" in capsys.readouterr().out
     assert main([*args, "--steps", "0"]) == 2
     assert "at least 1 step" in capsys.readouterr().err

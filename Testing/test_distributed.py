@@ -160,9 +160,12 @@ def runs(tiny_dataset, tmp_path_factory) -> dict:
     }
 
 
-def step_gradients(ctx: distributed.DistContext, cache_folder: Path) -> list[dict[str, torch.Tensor]]:
+def step_gradients(
+    ctx: distributed.DistContext, cache_folder: Path, constraint: str
+) -> list[dict[str, torch.Tensor]]:
     """D's gradients of a critic update and G's of a generator update, both from the seeded initial weights."""
-    trainer = training.Trainer(preset("tiny"), TrainConfig(epochs=1, **RUN_KW), ctx)
+    cfg = TrainConfig(epochs=1, critic_constraint=constraint, **RUN_KW)
+    trainer = training.Trainer(preset("tiny"), cfg, ctx)
     cache = training.open_cache(cache_folder)
     grads = []
     for sub, step, net in ((0, trainer.critic_step, trainer.d), (2, trainer.generator_step, trainer.g)):
@@ -171,7 +174,7 @@ def step_gradients(ctx: distributed.DistContext, cache_folder: Path) -> list[dic
     return grads
 
 
-def _grad_worker(rank: int, port: int, cache_folder: Path, result: Path) -> None:
+def _grad_worker(rank: int, port: int, cache_folder: Path, constraint: str, result: Path) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -182,23 +185,26 @@ def _grad_worker(rank: int, port: int, cache_folder: Path, result: Path) -> None
     torch.set_num_threads(1)
     ctx = distributed.init("cpu")
     try:
-        grads = step_gradients(ctx, cache_folder)
+        grads = step_gradients(ctx, cache_folder, constraint)
         if rank == 0:
             torch.save(grads, result)
     finally:
         distributed.shutdown(ctx)
 
 
-def test_ddp_gradients_are_the_global_mean(runs, tmp_path):
+@pytest.mark.parametrize("constraint", ["clip", "gp"])
+def test_ddp_gradients_are_the_global_mean(runs, tmp_path, constraint):
     """DDP's averaged gradients equal the single-process gradients of the whole global batch.
 
     Adam and RMSprop are invariant to the gradient scale, so a sum instead of a mean across ranks would not show
-    in the parameters; it does in the gradients.
+    in the parameters; it does in the gradients. With the gradient penalty the critic's loss holds a gradient
+    itself (double backward through DDP).
     """
     cache_folder = next((runs["out"] / "cache").glob("train-*"))
-    mp.spawn(_grad_worker, args=(free_port(), cache_folder, tmp_path / "grads.pt"), nprocs=WORLD, join=True)
+    args = (free_port(), cache_folder, constraint, tmp_path / "grads.pt")
+    mp.spawn(_grad_worker, args=args, nprocs=WORLD, join=True)
     ddp = torch.load(tmp_path / "grads.pt")
-    ref = step_gradients(distributed.DistContext(0, 1, torch.device("cpu")), cache_folder)
+    ref = step_gradients(distributed.DistContext(0, 1, torch.device("cpu")), cache_folder, constraint)
     for what, a, b in zip(("critic", "generator"), ref, ddp, strict=True):
         assert a.keys() == b.keys()
         scale = torch.cat([g.flatten() for g in a.values()]).norm().item()

@@ -98,12 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="the training data (same split is used)")
     p.add_argument("--out", type=Path, required=True, help="model file to write (G unchanged, new D)")
     p.add_argument("--steps", type=int, default=3000, help="critic updates")
-    p.add_argument("--constraint", choices=("gp", "clip"), default="gp", help="gp (default) or clip")
+    p.add_argument(
+        "--objective",
+        choices=("rank", "wgan"),
+        default="rank",
+        help="rank: order alignments by TRE (default); wgan: the adversarial critic loss",
+    )
+    p.add_argument(
+        "--constraint", choices=("gp", "clip"), default="gp", help="critic constraint for --objective wgan"
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="critic learning rate")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--keep-critic", action="store_true", help="start from the model's D instead of a fresh one"
-    )
+    p.add_argument("--fresh", action="store_true", help="start from new critic weights, not the model's D")
     p.add_argument("--check-every", type=int, default=500, help="steps between validation AUROC checks")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
@@ -229,7 +235,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_refine_critic(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import CriticConstraint
+    from .config import CriticConstraint, CriticObjective
     from .training import refine_critic
 
     check_writable(args.out)
@@ -240,10 +246,11 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
         args.data,
         args.out,
         args.steps,
+        CriticObjective(args.objective),
         CriticConstraint(args.constraint),
         lr_d=args.lr,
         batch_size=args.batch_size,
-        fresh=not args.keep_critic,
+        fresh=args.fresh,
         check_every=args.check_every,
         device=args.device,
     )

@@ -45,6 +45,19 @@ class CriticConstraint(str, Enum):
     GP = "gp"
 
 
+class CriticObjective(str, Enum):
+    """What a critic refinement (``airreg refine-critic``, G frozen) optimises.
+
+    ``wgan``: the adversarial critic loss of training, with the chosen constraint. ``rank`` (default): the
+    ordering of alignments by TRE (RankNet): a graded misalignment of one case against the perturbed start of
+    another, D scoring the smaller TRE higher. The D-score must rank alignments across cases, which the WGAN
+    loss does not ask for (a per-case offset costs it nothing); docs/method.md compares the two.
+    """
+
+    WGAN = "wgan"
+    RANK = "rank"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and the grid it sees; everything inference needs to rebuild the networks."""

@@ -65,11 +65,17 @@ def loss_curves(history: Sequence[dict], png: Path) -> Path:
 
 
 def critic_curves(history: Sequence[dict], png: Path) -> Path:
-    """Critic refinement: Wasserstein estimate and penalty per step, and the validation AUROC of the flag."""
+    """Critic refinement: its losses per step, and the validation AUROC of the quality flag."""
     plt = _pyplot()
     steps = np.array([row["step"] for row in history])
+    ranking = "rank_accuracy" in history[0]
+    curves = (
+        (("loss_d", "ranking loss"), ("rank_accuracy", "pairs ordered correctly"))
+        if ranking
+        else (("wasserstein", "Wasserstein estimate"), ("gradient_penalty", "gradient penalty"))
+    )
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("wasserstein", "Wasserstein estimate"), ("gradient_penalty", "gradient penalty")):
+    for key, label in curves:
         values = np.array([row.get(key, np.nan) for row in history], dtype=float)
         if np.isfinite(values).any():
             ax1.plot(steps, values, lw=0.8, label=label)

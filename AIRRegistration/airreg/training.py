@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import data, distributed, preprocessing, resampling, scoring
-from .config import CriticConstraint, DiscriminatorFakes, ModelConfig, TrainConfig
+from .config import CriticConstraint, CriticObjective, DiscriminatorFakes, ModelConfig, TrainConfig
 from .errors import InputError, ModelError
 from .fileio import atomic_write, write_text
 from .geometry import apply, invert
@@ -323,6 +324,30 @@ class Trainer:
                 for p in self.d.parameters():
                     p.clamp_(-self.cfg.clip, self.cfg.clip)
         return {"loss_d": loss.item(), **logs}
+
+    def ranking_step(self, b: Batch) -> dict:
+        """One critic update that orders alignments by TRE across cases (RankNet); returns loss and accuracy.
+
+        Each case's graded misalignment (0 to 2x the perturbation range) is paired with the perturbed start of
+        the next case in the batch; the loss is the cross-entropy of ``sigmoid(D(a) - D(b))`` against
+        ``TRE(a) < TRE(b)``, so a higher D means a smaller error whatever the case.
+        """
+        with torch.no_grad(), self.autocast():
+            graded = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
+            tre_a = tre_in_frame(graded, b.points)
+            tre_b = tre_in_frame(b.perturb, b.points).roll(1, 0)
+            x_a = self.sample(b.trus, graded)
+            x_b = self.sample(b.trus, b.perturb).roll(1, 0)
+        n = b.mr.shape[0]
+        with self.autocast():
+            critic = self.d_ddp(torch.cat([b.mr, b.mr.roll(1, 0)]), torch.cat([x_a, x_b])).float()
+        margin, better = critic[:n] - critic[n:], (tre_a < tre_b).float()
+        loss = F.binary_cross_entropy_with_logits(margin, better)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        accuracy = ((margin > 0).float() == better).float().mean()
+        return {"loss_d": loss.item(), "rank_accuracy": accuracy.item()}
 
     def generator_step(self, b: Batch) -> dict:
         """One generator update through the spatial transformer; returns its losses and the batch TRE."""
@@ -685,21 +710,24 @@ def refine_critic(
     data_root: Path,
     out: Path,
     steps: int,
+    objective: CriticObjective = CriticObjective.RANK,
     constraint: CriticConstraint = CriticConstraint.GP,
     lr_d: float = 1e-4,
     batch_size: int = 32,
-    fresh: bool = True,
+    fresh: bool = False,
     check_every: int = 500,
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
     """Train D alone against the frozen G of a trained model, recalibrate it, and write the model to ``out``.
 
-    During adversarial training the critic must keep up with a moving G and, clipped, has little capacity left
-    to grade misalignments. Trained afterwards with G fixed (same fakes, same train/validation split, draws
-    never used in training), it becomes a better judge of alignment; G, and so the registration, is unchanged.
-    Every ``check_every`` steps the AUROC of the quality statistic on the validation cases is logged. Caches go
-    in ``out``'s folder (a training run folder reuses the run's caches).
+    The adversarially trained critic separates aligned pairs from G's outputs, but nothing in its loss makes
+    its values comparable across cases, which a quality flag needs. Trained afterwards with G fixed (same
+    train/validation split, draws never used in training) on ``objective`` (see
+    :class:`~airreg.config.CriticObjective`; ``constraint`` applies to ``wgan``), it becomes a better judge of
+    alignment; G, and so the registration, is unchanged. ``fresh`` starts from new critic weights instead of
+    the model's. Every ``check_every`` steps the AUROC of the quality statistic on the validation cases is
+    logged. Caches go in ``out``'s folder (a training run folder reuses the run's caches).
     """
     if steps < 1:
         raise InputError(f"critic refinement needs at least 1 step, got {steps}")
@@ -721,6 +749,9 @@ def refine_critic(
     trainer.g.requires_grad_(False)
     if not fresh:
         trainer.d.load_state_dict(state["discriminator"])
+    if objective == CriticObjective.RANK:  # unconstrained: the ranking loss is invariant to an offset only
+        trainer.opt_d = torch.optim.Adam(trainer.d.parameters(), lr=lr_d, betas=(0.5, 0.9))
+    update = trainer.ranking_step if objective == CriticObjective.RANK else trainer.critic_step
     out.parent.mkdir(parents=True, exist_ok=True)
     train_cache, val_cache = split_caches(Path(data_root), out.parent, trainer, progress)
     history: list[dict] = []
@@ -729,7 +760,7 @@ def refine_critic(
     for step in tqdm(range(1, steps + 1), desc="critic", disable=not progress, unit="it"):
         trainer.g.eval()
         trainer.d.train()
-        row = {"step": step, **trainer.critic_step(trainer.draw_batch(train_cache, epoch, step, 0))}
+        row = {"step": step, **update(trainer.draw_batch(train_cache, epoch, step, 0))}
         if step % check_every == 0 or step == steps:
             calibration = trainer.calibrate(val_cache, per_case=8)
             row.update(val_auroc=quality_auroc(calibration), statistic=calibration.statistic)
@@ -738,13 +769,13 @@ def refine_critic(
     calibration = trainer.calibrate(val_cache)
     exported = ckpt.export_for_inference(state)
     exported["discriminator"] = trainer.d.state_dict()
-    exported["train_config"] = cfg.to_dict()
     exported["calibration"] = calibration.to_dict()
     exported["metadata"] = {
         **state.get("metadata", {}),
         "critic_refinement": {
+            "objective": objective.value,
+            "constraint": constraint.value if objective == CriticObjective.WGAN else None,
             "steps": steps,
-            "constraint": constraint.value,
             "lr_d": lr_d,
             "batch_size": batch_size,
             "fresh_critic": fresh,
