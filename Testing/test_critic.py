@@ -70,8 +70,25 @@ def test_gradient_penalty_reduces_the_gradient_norm_error(train_cache):
     assert penalties[-1] < 0.2 * penalties[0]  # the critic is pushed towards gradient norm 1
 
 
+def test_ranking_pairs_hold_another_patients_trus_one_in_eight(train_cache):
+    trainer = trainer_with("gp", batch_size=8)
+    b = trainer.draw_batch(train_cache, 1, 0, 0)
+    seen = {}
+
+    def record(mr, trus):
+        seen["mr"], seen["trus"] = mr, trus
+        return trainer.d(mr, trus)
+
+    trainer.d_ddp = record
+    trainer.ranking_step(b)
+    n, aligned = 8, trainer.sample(b.trus, None)
+    torch.testing.assert_close(seen["mr"][n + 7], b.mr[6])  # case 6's MR ...
+    torch.testing.assert_close(seen["trus"][n + 7], aligned[5])  # ... against case 5's aligned TRUS
+    torch.testing.assert_close(seen["trus"][n + 6], trainer.sample(b.trus[5:6], b.perturb[5:6])[0])
+
+
 def test_ranking_step_learns_to_order_alignments_by_tre(train_cache):
-    trainer = trainer_with("gp", lr_d=1e-3)
+    trainer = trainer_with("gp", lr_d=1e-3, batch_size=8)
     b = trainer.draw_batch(train_cache, 1, 0, 0)
     first = trainer.ranking_step(b)
     assert 0.0 <= first["rank_accuracy"] <= 1.0 and first["loss_d"] > 0

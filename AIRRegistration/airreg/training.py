@@ -329,16 +329,22 @@ class Trainer:
         """One critic update that orders alignments by TRE across cases (RankNet); returns loss and accuracy.
 
         Each case's graded misalignment (0 to 2x the perturbation range) is paired with the perturbed start of
-        the next case in the batch; the loss is the cross-entropy of ``sigmoid(D(a) - D(b))`` against
-        ``TRE(a) < TRE(b)``, so a higher D means a smaller error whatever the case.
+        the next case in the batch or, for one pair in eight, with another patient's TRUS (counted as a TRE of
+        ``GROSS_FAILURE_TRE_MM``, so a centred pair from two patients ranks below every real alignment). The loss
+        is the cross-entropy of ``sigmoid(D(a) - D(b))`` against ``TRE(a) < TRE(b)``, so a higher D means a
+        smaller error whatever the case.
         """
+        n = b.mr.shape[0]
         with torch.no_grad(), self.autocast():
             graded = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
             tre_a = tre_in_frame(graded, b.points)
-            tre_b = tre_in_frame(b.perturb, b.points).roll(1, 0)
             x_a = self.sample(b.trus, graded)
+            tre_b = tre_in_frame(b.perturb, b.points).roll(1, 0)
             x_b = self.sample(b.trus, b.perturb).roll(1, 0)
-        n = b.mr.shape[0]
+            gross = torch.arange(n, device=x_b.device) % 8 == 7  # none in batches under 8
+            other = self.sample(b.trus, None).roll(2, 0)  # case k-2's TRUS, against case k-1's MR
+            x_b = torch.where(gross[:, None, None, None], other, x_b)
+            tre_b = torch.where(gross, torch.full_like(tre_b, GROSS_FAILURE_TRE_MM), tre_b)
         with self.autocast():
             critic = self.d_ddp(torch.cat([b.mr, b.mr.roll(1, 0)]), torch.cat([x_a, x_b])).float()
         margin, better = critic[:n] - critic[n:], (tre_a < tre_b).float()
