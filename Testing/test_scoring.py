@@ -1,6 +1,7 @@
 """The D statistics behind the D-score: probes, and the contrast that cancels a case's critic offset."""
 
 import numpy as np
+import pytest
 import torch
 from scipy import ndimage
 
@@ -65,3 +66,22 @@ def test_contrast_is_highest_at_the_alignment_and_falls_with_misalignment():
     contrast = stats["contrast"].numpy()
     assert contrast[0] > 0  # a correct alignment is a local peak of this critic
     assert contrast[0] > contrast[1] > contrast[2]
+
+
+def test_only_the_requested_statistics_are_computed():
+    volume, from_frame, mr = _volume_and_mr()
+    calls = []
+
+    class Counting(MatchCritic):
+        def forward(self, mr, trus):
+            calls.append(len(mr))
+            return super().forward(mr, trus)
+
+    eye = torch.eye(4)[None]
+    raw = scoring.judge(Counting(0.0), mr, volume, from_frame, eye, GRID, 3, ("critic",))
+    assert set(raw) == {"critic"} and len(calls) == 1  # no probes
+    both = scoring.judge(Counting(0.0), mr, volume, from_frame, eye, GRID, 3)
+    assert set(both) == {"critic", "contrast"} and len(calls) == 1 + 1 + 6
+    assert torch.equal(raw["critic"], both["critic"])
+    with pytest.raises(ValueError, match="unknown D statistics"):
+        scoring.judge(Counting(0.0), mr, volume, from_frame, eye, GRID, 3, ("mean",))

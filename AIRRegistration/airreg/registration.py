@@ -188,8 +188,11 @@ class Registrar:
             preprocessing.cache_to_index(self.config.grid, self.config.dof), device=self.device
         ).float()
         mr = pair.mr[None].expand(b, *pair.mr.shape)
-        stats = scoring.judge(self.d, mr, volume, from_cache, transforms, self.config.grid, self.config.dof)
-        return stats[self.calibration.statistic].cpu().numpy(), coverage.cpu().numpy()
+        name = self.calibration.statistic
+        stats = scoring.judge(
+            self.d, mr, volume, from_cache, transforms, self.config.grid, self.config.dof, (name,)
+        )
+        return stats[name].cpu().numpy(), coverage.cpu().numpy()
 
     def _verdict(self, critic: float, coverage: float) -> QualityResult:
         return assess(critic, self.calibration, self.tolerance_mm, coverage)

@@ -9,6 +9,9 @@ that separates TRE > 5 mm better on the validation cases (stored in the checkpoi
 * ``contrast`` — the critic value of the alignment minus the mean critic value of small probe displacements
   around it (±4 mm along each axis the model estimates, ±8° about each rotation axis). The case offset cancels;
   a correct alignment is a local peak of the critic, so the contrast is high there and falls with the error.
+
+A critic refined to rank alignments across cases (``airreg refine-critic``) has no such offset; its calibration
+usually keeps ``critic``, and then no probe is evaluated at inference.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ def judge(
     transforms: torch.Tensor,
     grid: GridSpec,
     dof: int,
+    statistics: tuple[str, ...] = STATISTICS,
 ) -> dict[str, torch.Tensor]:
-    """Both statistics for (B, 4, 4) frame transforms.
+    """The named statistics (default: both) for (B, 4, 4) frame transforms; the probes only for ``contrast``.
 
     Args:
         critic: the discriminator D.
@@ -55,12 +59,21 @@ def judge(
         transforms: (B, 4, 4) alignments to judge, in the grid frame.
 
     Returns:
-        ``{"critic": (B,), "contrast": (B,)}``.
+        ``{name: (B,)}`` for each name in ``statistics``.
     """
+    unknown = set(statistics) - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown D statistics {sorted(unknown)}; choose from {STATISTICS}")
     raw = critic(mr, resampling.sample(trus_volume, volume_from_frame, grid, transforms))
+    if "contrast" not in statistics:
+        return {"critic": raw}
     probes = probe_matrices(dof, transforms.device)
     # one probe at a time: the volumes are sampled in place, never copied per probe
     around = torch.stack(
         [critic(mr, resampling.sample(trus_volume, volume_from_frame, grid, transforms @ p)) for p in probes]
     )
-    return {"critic": raw, "contrast": raw - around.mean(dim=0)}
+    return {
+        name: value
+        for name, value in (("critic", raw), ("contrast", raw - around.mean(dim=0)))
+        if name in statistics
+    }
