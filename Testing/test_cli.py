@@ -130,6 +130,10 @@ def test_evaluate_writes_the_summaries_and_figures(tiny_dataset, tiny_model, tmp
     assert -1.0 <= summary["spearman_d_score_vs_tre"] <= 1.0
     assert "auroc_flag_tre_above_tolerance" in summary and "wilcoxon_p_before_vs_after" in summary
     assert (out / "summary.md").read_text().startswith("## AIR-net evaluation")
+    gross = summary["gross_failures"]
+    assert set(gross) == {"swapped", "other_patient"}
+    assert all(g["cases"] == 6 and 0 <= g["warned"] + g["errors"] <= 6 for g in gross.values())
+    assert "gross failure, inputs swapped: warning on" in (out / "summary.md").read_text()
     assert (out / "boxplots.png").read_bytes()[:8] == PNG
     with (out / "cases.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import data, geometry, resampling
 from .config import PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
+from .errors import AirRegError
 from .fileio import atomic_write, write_text
 from .plotting import box_plots, fusion_panels, scatter
 from .quality import auroc
@@ -149,6 +150,21 @@ def evaluate_cases(
     return rows, finals
 
 
+def gross_failures(cases: Sequence[data.Case], registrar: Registrar, progress: bool = True) -> dict:
+    """How often the warning fires on registrations that cannot be right: inputs swapped (TRUS given as MR) and
+    another patient's TRUS (the next case's), each registered from aligned volume centres. A clear input error
+    (e.g. no overlap) counts as caught too; returns ``{kind: {"warned", "errors", "cases"}}``."""
+    counts = {kind: {"warned": 0, "errors": 0, "cases": len(cases)} for kind in ("swapped", "other_patient")}
+    for i, case in enumerate(tqdm(cases, desc="gross failures", disable=not progress, unit="case")):
+        other = cases[(i + 1) % len(cases)]
+        for kind, (mr, trus) in (("swapped", (case.trus, case.mr)), ("other_patient", (case.mr, other.trus))):
+            try:
+                counts[kind]["warned"] += registrar.register(mr, trus).quality == "warning"
+            except AirRegError:
+                counts[kind]["errors"] += 1
+    return counts
+
+
 def summarize(rows: Sequence[dict], tolerance_mm: float) -> dict:
     """Aggregate figures: TRE statistics, paired test, D-score/TRE correlation and the flag's AUROC."""
     col = {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0] if k != "case"}
@@ -208,6 +224,12 @@ def markdown(summary: dict, title: str) -> str:
         f"- AUROC of the quality flag for TRE > {summary['tolerance_mm']:g} mm: {summary['auroc_flag_tre_above_tolerance']:.3f}",
         f"- median seconds per pair: one pass {summary['median_seconds_one_pass']:.3f}, iterative {summary['median_seconds']:.3f}",
     ]
+    for kind, label in (("swapped", "inputs swapped"), ("other_patient", "another patient's TRUS")):
+        g = summary.get("gross_failures", {}).get(kind)
+        if g:
+            lines.append(
+                f"- gross failure, {label}: warning on {g['warned']} of {g['cases']}, input error on {g['errors']}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -244,6 +266,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "cases.csv", rows)
     summary = summarize(rows, tolerance_mm)
+    if len(cases) > 1:
+        summary["gross_failures"] = gross_failures(cases, registrar, progress)
     summary.update(
         model=registrar.model_id,
         model_sha256=registrar.model_sha256,
