@@ -737,6 +737,7 @@ def refine_critic(
     """
     if steps < 1:
         raise InputError(f"critic refinement needs at least 1 step, got {steps}")
+    model = ckpt.resolve(model)  # a bundled model's name works too
     state = ckpt.load(model)
     cfg = replace(
         TrainConfig.from_dict(state["train_config"]),
@@ -787,7 +788,7 @@ def refine_critic(
             "fresh_critic": fresh,
             "seconds": round(time.perf_counter() - start, 1),
             "validation_auroc": quality_auroc(calibration),
-            "from_model_sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
+            "from_model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
         },
     }
     write_refinement_log(out.parent / f"{out.stem}-critic", history)
