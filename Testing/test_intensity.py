@@ -25,6 +25,16 @@ def test_percentiles_map_to_zero_and_one() -> None:
     )
 
 
+def test_float32_input_is_left_alone_and_scaled_like_float64() -> None:
+    array = np.random.default_rng(1).gamma(2.0, 50.0, size=(8, 30, 30)).astype(np.float32)
+    before = array.copy()
+    out = normalize(array)
+    np.testing.assert_array_equal(array, before)
+    low, high = np.percentile(array[array != 0], [1, 99])
+    reference = np.clip((array.astype(np.float64) - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-6)
+
+
 def test_outliers_do_not_change_the_scale() -> None:
     rng = np.random.default_rng(0)
     array = rng.normal(100, 10, size=(20, 20, 20))
