@@ -37,8 +37,9 @@ class CriticConstraint(str, Enum):
 
     ``clip`` (the paper): weights clipped to ±``clip`` after each RMSprop update. ``gp``: a gradient penalty
     ``gp_weight · (‖∇D(x̂)‖ - 1)²`` on random interpolates x̂ between aligned and fake pairs (WGAN-GP, Gulrajani
-    et al. 2017), Adam with β = (0.5, 0.9). A clipped critic has little capacity left to grade misalignments; the
-    penalised one ranks them much better (docs/method.md), which is what the D-score needs.
+    et al. 2017), Adam with β = (0.5, 0.9). The penalty frees the capacity that clipping takes from the critic,
+    but in our experiments it did not by itself make the D-score rank errors across cases (docs/method.md); that
+    is what :class:`CriticObjective` ``rank`` is for.
     """
 
     CLIP = "clip"

@@ -660,6 +660,23 @@ def train(
         distributed.shutdown(ctx)
 
 
+def trainer_from_state(
+    state: dict, ctx: distributed.DistContext, cfg: TrainConfig | None = None, load_critic: bool = True
+) -> Trainer:
+    """A trainer with a checkpoint's model, normalisation and G (and D unless ``load_critic`` is False: the
+    trainer's seeded new critic); ``cfg`` replaces the checkpoint's training configuration."""
+    trainer = Trainer(
+        ModelConfig.from_dict(state["model_config"]),
+        cfg or TrainConfig.from_dict(state["train_config"]),
+        ctx,
+        NormalizationSpec.from_dict(state["preprocessing"]["normalization"]),
+    )
+    trainer.g.load_state_dict(state["generator"])
+    if load_critic:
+        trainer.d.load_state_dict(state["discriminator"])
+    return trainer
+
+
 def recalibrate(
     model: Path, data_root: Path, out: Path, split: str = "val", device: str = "auto", progress: bool = True
 ) -> Path:
@@ -672,15 +689,7 @@ def recalibrate(
     if split not in ("val", "all"):
         raise InputError(f"split must be 'val' or 'all', got {split!r}")
     state = ckpt.load(model)
-    ctx = distributed.DistContext(0, 1, distributed.select_device(device))
-    trainer = Trainer(
-        ModelConfig.from_dict(state["model_config"]),
-        TrainConfig.from_dict(state["train_config"]),
-        ctx,
-        NormalizationSpec.from_dict(state["preprocessing"]["normalization"]),
-    )
-    trainer.g.load_state_dict(state["generator"])
-    trainer.d.load_state_dict(state["discriminator"])
+    trainer = trainer_from_state(state, distributed.DistContext(0, 1, distributed.select_device(device)))
     if split == "val":
         cache = split_caches(
             Path(data_root), out.parent / f"{out.stem}-calibration", trainer, progress, ("val",)
@@ -746,17 +755,9 @@ def refine_critic(
         batch_size=batch_size,
     )
     ctx = distributed.DistContext(0, 1, distributed.select_device(device))
-    trainer = Trainer(
-        ModelConfig.from_dict(state["model_config"]),
-        cfg,
-        ctx,
-        NormalizationSpec.from_dict(state["preprocessing"]["normalization"]),
-    )
-    trainer.g.load_state_dict(state["generator"])
+    trainer = trainer_from_state(state, ctx, cfg, load_critic=not fresh)
     trainer.g.requires_grad_(False)
-    if not fresh:
-        trainer.d.load_state_dict(state["discriminator"])
-    if objective == CriticObjective.RANK:  # unconstrained: the ranking loss is invariant to an offset only
+    if objective == CriticObjective.RANK:  # a ranking loss needs no Lipschitz constraint: Adam, no clipping
         trainer.opt_d = torch.optim.Adam(trainer.d.parameters(), lr=lr_d, betas=(0.5, 0.9))
     update = trainer.ranking_step if objective == CriticObjective.RANK else trainer.critic_step
     out.parent.mkdir(parents=True, exist_ok=True)
