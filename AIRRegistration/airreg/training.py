@@ -341,10 +341,10 @@ class Trainer:
             x_a = self.sample(b.trus, graded)
             tre_b = tre_in_frame(b.perturb, b.points).roll(1, 0)
             x_b = self.sample(b.trus, b.perturb).roll(1, 0)
-            gross = torch.arange(n, device=x_b.device) % 8 == 7  # none in batches under 8
-            other = self.sample(b.trus, None).roll(2, 0)  # case k-2's TRUS, against case k-1's MR
-            x_b = torch.where(gross[:, None, None, None], other, x_b)
-            tre_b = torch.where(gross, torch.full_like(tre_b, GROSS_FAILURE_TRE_MM), tre_b)
+            gross = torch.arange(n, device=x_b.device)[7::8]  # one pair in eight; none in batches under 8
+            if len(gross):
+                x_b[gross] = self.sample(b.trus[gross - 2], None)  # case k-2's TRUS, against case k-1's MR
+                tre_b[gross] = GROSS_FAILURE_TRE_MM
         with self.autocast():
             critic = self.d_ddp(torch.cat([b.mr, b.mr.roll(1, 0)]), torch.cat([x_a, x_b])).float()
         margin, better = critic[:n] - critic[n:], (tre_a < tre_b).float()
