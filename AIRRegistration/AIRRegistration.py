@@ -112,6 +112,18 @@ class MissingDependencyError(ValueError):
     """A required Python package is missing and was not installed."""
 
 
+def dicomPatientLookup():
+    """PatientID of a DICOM instance UID from Slicer's DICOM database, or None when no database is open.
+
+    Volumes loaded from DICOM carry their instance UIDs; with their PatientIDs the core warns when the MR and
+    the TRUS belong to different patients.
+    """
+    database = getattr(slicer, "dicomDatabase", None)
+    if database is None or not database.isOpen:
+        return None
+    return lambda uid: database.instanceValue(uid, "0010,0020")
+
+
 #
 # AIRRegistrationWidget
 #
@@ -473,6 +485,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             outputTransformNode,
             initialTransformNode,
             progressCallback,
+            patient_lookup=dicomPatientLookup(),
         )
         self.addLog(
             _("D-score {before:.3f} -> {after:.3f}, estimated error {tre:.1f} mm, {seconds:.1f} s").format(
@@ -501,7 +514,9 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
         if reason:
             raise ValueError(reason)
         registrar = self.getRegistrar(modelPath, device, 1, toleranceMm)
-        quality = mrml_bridge.score_volume_nodes(registrar, mrVolumeNode, trusVolumeNode)
+        quality = mrml_bridge.score_volume_nodes(
+            registrar, mrVolumeNode, trusVolumeNode, patient_lookup=dicomPatientLookup()
+        )
         if quality.warning:
             logging.warning(f"AIR Registration: {quality.warning}")
         return quality
@@ -553,7 +568,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
     def statusText(quality: str, warning) -> str:
         if quality == "ok":
             return _("Alignment looks good.")
-        return _("Warning: alignment looks poor. ") + (warning or "") + _(" Check it visually before use.")
+        return _("Warning: ") + (warning or _("alignment looks poor; check it visually before use"))
 
     # --- display and export ---------------------------------------------------------------------------
 

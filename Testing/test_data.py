@@ -68,8 +68,8 @@ def test_read_image_formats(tmp_path: Path, suffix: str) -> None:
     assert data.find_image(tmp_path, "mr") == path
 
 
-def write_dicom_series(image: sitk.Image, folder: Path) -> None:
-    """One DICOM file per slice with the geometry tags a series reader needs."""
+def write_dicom_series(image: sitk.Image, folder: Path, patient: str = "") -> None:
+    """One DICOM file per slice with the geometry tags a series reader needs (and a PatientID if given)."""
     folder.mkdir()
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
@@ -80,6 +80,7 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> None:
         "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
         "0020|0037": "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
         "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+        **({data.PATIENT_ID_KEY: patient} if patient else {}),
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -101,6 +102,20 @@ def test_read_dicom_series_folder(tmp_path: Path) -> None:
     assert data.find_image(tmp_path, "mr") == tmp_path / "mr"
     out = data.read_image(tmp_path / "mr")
     assert_same_image(out, sitk.Cast(sitk.Cast(image, sitk.sitkInt16), sitk.sitkFloat32))
+
+
+def test_patient_id_is_kept_from_dicom_and_compared(tmp_path: Path) -> None:
+    image = make_image()
+    write_dicom_series(image, tmp_path / "mr", patient="PAT-001")
+    write_dicom_series(image, tmp_path / "trus", patient="PAT-002")
+    write_dicom_series(image, tmp_path / "same", patient="PAT-001")
+    mr, trus, same = (data.read_image(tmp_path / name) for name in ("mr", "trus", "same"))
+    assert data.patient_id(mr) == "PAT-001" and data.patient_id(trus) == "PAT-002"
+    assert "PAT-001" in data.patient_mismatch(mr, trus) and "PAT-002" in data.patient_mismatch(mr, trus)
+    assert data.patient_mismatch(mr, same) is None
+    nifti = data.read_image(write(image, tmp_path / "trus.nii.gz"))
+    assert data.patient_id(nifti) is None
+    assert data.patient_mismatch(mr, nifti) is None  # unknown identity: nothing to compare
 
 
 def test_empty_folder_is_not_a_dicom_series(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from airreg import checkpoint, geometry, resampling
+from airreg import checkpoint, data, geometry, resampling
 from airreg.errors import InputError
 from airreg.registration import Registrar, centers_aligned
 from conftest import REPORT_KEYS
@@ -218,3 +218,20 @@ def test_cuda_request_falls_back_to_cpu_with_a_message(state, tiny_case, capsys)
     assert reg.device == torch.device("cpu")
     result = reg.register(tiny_case.mr, tiny_case.trus)
     assert result.device == "cpu"
+
+
+def test_images_of_different_patients_give_a_warning(registrar, tiny_case):
+    mr, trus = sitk.Image(tiny_case.mr), sitk.Image(tiny_case.trus)
+    data.set_patient_id(mr, "PAT-001")
+    data.set_patient_id(trus, "PAT-001")
+    assert "different patients" not in (registrar.score(mr, trus, tiny_case.gt).warning or "")
+    data.set_patient_id(trus, "PAT-002")
+    verdict = registrar.score(mr, trus, tiny_case.gt)
+    assert (
+        verdict.quality == "warning"
+        and "different patients" in verdict.warning
+        and "PAT-002" in verdict.warning
+    )
+    result = registrar.register(mr, trus, tiny_case.gt)
+    assert result.quality == "warning" and "different patients" in result.warning
+    assert result.report()["quality"] == "warning"

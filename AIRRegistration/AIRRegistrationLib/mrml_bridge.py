@@ -25,7 +25,7 @@ import contextlib
 import datetime
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import SimpleITK as sitk
 import vtk
 from vtk.util import numpy_support
 
-from airreg import geometry
+from airreg import data, geometry
 from airreg.errors import InputError
 from airreg.fileio import write_text
 
@@ -47,6 +47,12 @@ FUSION_COLOR_NODE_IDS = (
 
 #: Attribute on the output transform node naming the transform the TRUS was under before registration.
 PREVIOUS_PARENT_ATTRIBUTE = "AIRRegistration.PreviousParentTransformID"
+
+#: Attribute Slicer's DICOM scalar-volume loader sets on a volume node: the SOP instance UIDs of its files.
+DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
+
+#: Looks up the PatientID of a DICOM instance UID (in Slicer: ``slicer.dicomDatabase.instanceValue``).
+PatientLookup = Callable[[str], str]
 
 _ORTHONORMAL_TOL = 1e-4
 
@@ -257,6 +263,32 @@ def set_registration_result(
     return to_parent
 
 
+def patient_id_of_node(node, lookup: PatientLookup | None) -> str | None:
+    """The PatientID of a volume loaded from DICOM (its first instance UID, looked up with ``lookup``); None
+    when the node did not come from DICOM, no lookup is given, or the lookup knows nothing."""
+    uids = (node.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
+    if lookup is None or not uids:
+        return None
+    return (lookup(uids[0]) or "").strip() or None
+
+
+def images_from_volume_nodes(
+    mr_node, trus_node, patient_lookup: PatientLookup | None = None
+) -> tuple[sitk.Image, sitk.Image]:
+    """The validated (MR in world, TRUS in its local frame) image pair the core registers, each carrying its
+    DICOM PatientID when ``patient_lookup`` finds one, so that the core can warn on two different patients."""
+    reason = validate_inputs(mr_node, trus_node)
+    if reason:
+        raise InputError(reason)
+    mr = image_from_volume_node(mr_node, include_parent=True, role="MR")
+    trus = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
+    for node, image in ((mr_node, mr), (trus_node, trus)):
+        identifier = patient_id_of_node(node, patient_lookup)
+        if identifier is not None:
+            data.set_patient_id(image, identifier)
+    return mr, trus
+
+
 def register_volume_nodes(
     registrar,
     mr_node,
@@ -264,18 +296,16 @@ def register_volume_nodes(
     output_transform_node=None,
     initial_transform_node=None,
     progress=None,
+    patient_lookup: PatientLookup | None = None,
 ):
     """Register TRUS (moving) to MR (fixed) with an ``airreg`` Registrar; return ``(result, transform_node)``.
 
-    Validates and converts the nodes, runs ``registrar.register(mr, trus, initial, progress)`` and only then
-    writes the result (see :func:`set_registration_result`); a new linear transform node is added to the MR
-    node's scene if ``output_transform_node`` is None. On any error no node has been changed.
+    Validates and converts the nodes (:func:`images_from_volume_nodes`), runs ``registrar.register(mr, trus,
+    initial, progress)`` and only then writes the result (see :func:`set_registration_result`); a new linear
+    transform node is added to the MR node's scene if ``output_transform_node`` is None. On any error no node
+    has been changed.
     """
-    reason = validate_inputs(mr_node, trus_node)
-    if reason:
-        raise InputError(reason)
-    mr = image_from_volume_node(mr_node, include_parent=True, role="MR")
-    trus = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
+    mr, trus = images_from_volume_nodes(mr_node, trus_node, patient_lookup)
     initial = initial_transform_lps(trus_node, initial_transform_node)
     result = registrar.register(mr, trus, initial=initial, progress=progress)
     geometry.check_rigid(result.mr_to_trus, "registration result")
@@ -288,13 +318,9 @@ def register_volume_nodes(
     return result, output_transform_node
 
 
-def score_volume_nodes(registrar, mr_node, trus_node):
+def score_volume_nodes(registrar, mr_node, trus_node, patient_lookup: PatientLookup | None = None):
     """Quality verdict (``registrar.score``) of the alignment as Slicer shows it now; changes no node."""
-    reason = validate_inputs(mr_node, trus_node)
-    if reason:
-        raise InputError(reason)
-    mr = image_from_volume_node(mr_node, include_parent=True, role="MR")
-    trus = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
+    mr, trus = images_from_volume_nodes(mr_node, trus_node, patient_lookup)
     current = initial_transform_lps(trus_node)
     return registrar.score(mr, trus, np.eye(4) if current is None else current)
 

@@ -39,6 +39,8 @@ GT_NAMES = ("gt.tfm", "gt.txt", "gt.h5", "gt.mat")
 LANDMARK_COLUMNS = ("name", "mr_x", "mr_y", "mr_z", "trus_x", "trus_y", "trus_z")
 MUREGPRO_SPLITS = ("train", "val")
 MUREGPRO_FOLDERS = ("mr_images", "us_images", "mr_labels", "us_labels")
+#: SimpleITK metadata key of the DICOM PatientID (0010,0020), kept on images read from DICOM.
+PATIENT_ID_KEY = "0010|0020"
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,10 +78,14 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         raise InputError(f"{folder}: {what} folder holds {len(series)} DICOM series; keep exactly one")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{folder}: {what} DICOM series cannot be read") from exc
+    if reader.HasMetaDataKey(0, PATIENT_ID_KEY):
+        image.SetMetaData(PATIENT_ID_KEY, reader.GetMetaData(0, PATIENT_ID_KEY))
+    return image
 
 
 def _read_raw(path: Path, what: str) -> sitk.Image:
@@ -125,7 +131,35 @@ def read_image(path: Path, what: str = "image") -> sitk.Image:
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise InputError(f"{path}: {what} is constant (every voxel is {low:g})")
-    return sitk.Cast(image, sitk.sitkFloat32)
+    result = sitk.Cast(image, sitk.sitkFloat32)
+    identifier = patient_id(image)
+    if identifier is not None:  # Cast drops the metadata
+        set_patient_id(result, identifier)
+    return result
+
+
+def patient_id(image: sitk.Image) -> str | None:
+    """The DICOM PatientID an image was read with, or None (NIfTI, NRRD and MetaImage files carry none)."""
+    if not image.HasMetaDataKey(PATIENT_ID_KEY):
+        return None
+    return image.GetMetaData(PATIENT_ID_KEY).strip() or None
+
+
+def set_patient_id(image: sitk.Image, identifier: str) -> None:
+    """Record a PatientID on an image (e.g. one built from a Slicer volume node that came from DICOM)."""
+    image.SetMetaData(PATIENT_ID_KEY, identifier)
+
+
+def patient_mismatch(mr: sitk.Image, trus: sitk.Image) -> str | None:
+    """A warning when both images carry a PatientID and the two differ; None when they agree or one is unknown.
+
+    A registration of another patient's TRUS can look plausible to D once G has aligned the two glands, so
+    where the identity is known it is checked directly.
+    """
+    ids = patient_id(mr), patient_id(trus)
+    if None in ids or ids[0] == ids[1]:
+        return None
+    return f"the MR and the TRUS belong to different patients (DICOM PatientID {ids[0]!r} and {ids[1]!r})"
 
 
 def _binarize(image: sitk.Image, path: Path, what: str) -> sitk.Image:

@@ -153,13 +153,20 @@ class QualityResult:
 
 
 def assess(
-    critic: float, calibration: Calibration, tolerance_mm: float = DEFAULT_TOLERANCE_MM, overlap: float = 1.0
+    critic: float,
+    calibration: Calibration,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    overlap: float = 1.0,
+    input_warning: str | None = None,
 ) -> QualityResult:
-    """Quality verdict from a critic value; ``overlap`` is the fraction of the grid the TRUS covers."""
+    """Quality verdict from a critic value; ``overlap`` is the fraction of the grid the TRUS covers;
+    ``input_warning`` (e.g. the images belong to different patients) overrides the rest."""
     tre = calibration.expected_tre_mm(critic)
     p_fail = calibration.p_failure(critic, tolerance_mm)
     warning = None
-    if overlap < 0.2:
+    if input_warning:
+        warning = f"{input_warning}: check the inputs"
+    elif overlap < 0.2:
         warning = f"the TRUS covers only {overlap:.0%} of the MR field of view: check the inputs and the initial transform"
     elif p_fail >= 0.5:
         warning = (

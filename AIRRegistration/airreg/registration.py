@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from . import checkpoint as ckpt
-from . import preprocessing, resampling, scoring
+from . import data, preprocessing, resampling, scoring
 from .config import ModelConfig
 from .distributed import select_device
 from .errors import InputError, ModelError
@@ -194,8 +194,8 @@ class Registrar:
         )
         return stats[name].cpu().numpy(), coverage.cpu().numpy()
 
-    def _verdict(self, critic: float, coverage: float) -> QualityResult:
-        return assess(critic, self.calibration, self.tolerance_mm, coverage)
+    def _verdict(self, critic: float, coverage: float, input_warning: str | None = None) -> QualityResult:
+        return assess(critic, self.calibration, self.tolerance_mm, coverage, input_warning)
 
     @torch.no_grad()
     def register(
@@ -239,13 +239,14 @@ class Registrar:
         best = 1 + int(np.argmax(critic[1:])) if n_iter > 1 else 1
         for step, c in zip(steps, critic[1:], strict=False):
             step["d_score"] = self._verdict(float(c), 1.0).d_score
+        mismatch = data.patient_mismatch(mr, trus)
         t3 = time.perf_counter()
         transform_in_frame = candidates[best][0].double().cpu().numpy()
         result = RegistrationResult(
             mr_to_trus=preprocessing.frame_transform_to_world(pair, transform_in_frame),
             initial=start,
-            before=self._verdict(float(critic[0]), float(coverage[0])),
-            after=self._verdict(float(critic[best]), float(coverage[best])),
+            before=self._verdict(float(critic[0]), float(coverage[0]), mismatch),
+            after=self._verdict(float(critic[best]), float(coverage[best]), mismatch),
             steps=steps,
             timings={"resampling": t1 - t0, "generator": t2 - t1, "discriminator": t3 - t2, "total": t3 - t0},
             model=self.model_id,
@@ -269,7 +270,7 @@ class Registrar:
         eye = torch.eye(4, device=self.device)[None]
         critic, coverage = self._critic(pair, eye)
         trus_stack = self._sample(pair, eye)[0]
-        verdict = self._verdict(float(critic[0]), float(coverage[0]))
+        verdict = self._verdict(float(critic[0]), float(coverage[0]), data.patient_mismatch(mr, trus))
         return pair.mr.cpu().numpy(), trus_stack.cpu().numpy(), verdict
 
 

@@ -314,3 +314,40 @@ def test_same_volume_twice_is_refused_without_changes(
         np.testing.assert_array_equal(slicer.util.arrayFromTransformMatrix(node), matrix)
     assert out.GetNodeReferenceID(out.GetMovingNodeReferenceRole()) is None
     assert mr.GetTransformNodeID() == manual.GetID()
+
+
+class DicomDatabaseStandin:
+    """Stands in for ``slicer.dicomDatabase`` (a ctkDICOMDatabase): ``isOpen`` and ``instanceValue``."""
+
+    isOpen = True
+
+    def __init__(self, patients: dict[str, str]) -> None:
+        self.patients = patients
+        self.asked: list[tuple[str, str]] = []
+
+    def instanceValue(self, uid: str, tag: str) -> str:
+        self.asked.append((uid, tag))
+        return self.patients.get(uid, "")
+
+
+def test_registration_of_two_patients_from_dicom_warns(
+    logic: Any, scene: slicer.vtkMRMLScene, phantom_case: PhantomCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Volumes loaded from DICOM with different PatientIDs in Slicer's DICOM database: the module warns."""
+    mr, trus = add_pair(scene, phantom_case)
+    mr.SetAttribute("DICOM.instanceUIDs", "1.2.3.1")
+    trus.SetAttribute("DICOM.instanceUIDs", "1.2.4.1")
+    database = DicomDatabaseStandin({"1.2.3.1": "PAT-001", "1.2.4.1": "PAT-002"})
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    put_under_transform(scene, trus, np.asarray(phantom_case.gt), "manual")
+
+    quality = logic.scoreAlignment(mr, trus)  # the true alignment, but the IDs say two patients
+
+    assert quality.quality == "warning" and "different patients" in quality.warning
+    assert ("1.2.4.1", "0010,0020") in database.asked
+    status = logic.statusText(quality.quality, quality.warning)
+    assert status.startswith("Warning: the MR and the TRUS belong to different patients")
+    result, _out = logic.registerVolumes(mr, trus)
+    assert result.quality == "warning" and "PAT-002" in result.warning
+    database.patients["1.2.4.1"] = "PAT-001"  # same patient: the D-score decides again
+    assert "different patients" not in (logic.scoreAlignment(mr, trus).warning or "")

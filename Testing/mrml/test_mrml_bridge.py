@@ -16,7 +16,7 @@ if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package named "sli
 
 import vtk  # noqa: E402
 
-from airreg import geometry  # noqa: E402
+from airreg import data, geometry  # noqa: E402
 from airreg.errors import InputError  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "AIRRegistration"
@@ -596,3 +596,28 @@ def test_phantom_end_to_end_with_real_registrar(scene, tmp_path, tiny_model):
     # scoring resamples the TRUS through the result directly, registration through the start and then the
     # estimate: the same alignment, a slightly different interpolation path
     assert quality.d_score == pytest.approx(result.d_score, abs=0.1)
+
+
+def test_dicom_patient_ids_reach_the_core_and_unknown_ones_do_not(scene):
+    """Volumes loaded from DICOM carry their instance UIDs; the lookup's PatientIDs go onto the images the core
+    gets (which warns when they differ), and nothing is invented for other volumes or without a lookup."""
+    mr = bridge.add_volume_node_from_image(scene, make_image(seed=1), "MR")
+    trus = bridge.add_volume_node_from_image(scene, make_image(seed=2), "TRUS")
+    mr.SetAttribute(bridge.DICOM_INSTANCE_UIDS_ATTRIBUTE, "1.2.3.1 1.2.3.2")
+    trus.SetAttribute(bridge.DICOM_INSTANCE_UIDS_ATTRIBUTE, "1.2.4.1")
+    patients = {"1.2.3.1": "PAT-001", "1.2.3.2": "PAT-001", "1.2.4.1": " PAT-002 "}
+    mr_before, trus_before = snapshot(mr), snapshot(trus)
+    registrar = RecordingRegistrar(rigid())
+    bridge.register_volume_nodes(registrar, mr, trus, patient_lookup=patients.get)
+    call = registrar.calls[0]
+    assert data.patient_id(call["mr"]) == "PAT-001" and data.patient_id(call["trus"]) == "PAT-002"
+    assert "different patients" in data.patient_mismatch(call["mr"], call["trus"])
+    assert_unchanged(mr, mr_before)
+    assert_unchanged(trus, trus_before, parent_may_change=True)
+    assert mr.GetAttribute(bridge.DICOM_INSTANCE_UIDS_ATTRIBUTE) == "1.2.3.1 1.2.3.2"
+    registrar.calls.clear()
+    bridge.score_volume_nodes(registrar, mr, trus)  # no lookup: nothing to compare
+    assert data.patient_id(registrar.calls[0]["mr"]) is None
+    trus.RemoveAttribute(bridge.DICOM_INSTANCE_UIDS_ATTRIBUTE)  # not from DICOM
+    assert bridge.patient_id_of_node(trus, patients.get) is None
+    assert bridge.patient_id_of_node(mr, {}.get) is None  # a UID the database does not know
