@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from airreg import checkpoint, distributed, training
+from airreg import checkpoint, distributed, resampling, training
 from airreg.cli import main
 from airreg.config import CriticConstraint, CriticObjective, TrainConfig, preset
 from airreg.errors import InputError
@@ -70,7 +70,7 @@ def test_gradient_penalty_reduces_the_gradient_norm_error(train_cache):
     assert penalties[-1] < 0.2 * penalties[0]  # the critic is pushed towards gradient norm 1
 
 
-def test_ranking_pairs_hold_another_patients_trus_one_in_eight(train_cache):
+def test_ranking_pairs_hold_another_patients_trus_as_given_and_registered_by_g(train_cache):
     trainer = trainer_with("gp", batch_size=8)
     b = trainer.draw_batch(train_cache, 1, 0, 0)
     seen = {}
@@ -82,9 +82,28 @@ def test_ranking_pairs_hold_another_patients_trus_one_in_eight(train_cache):
     trainer.d_ddp = record
     trainer.ranking_step(b)
     n, aligned = 8, trainer.sample(b.trus, None)
-    torch.testing.assert_close(seen["mr"][n + 7], b.mr[6])  # case 6's MR ...
-    torch.testing.assert_close(seen["trus"][n + 7], aligned[5])  # ... against case 5's aligned TRUS
+
+    def registered(mr: int, trus: int) -> torch.Tensor:  # case trus's TRUS registered by G to case mr's MR
+        with torch.no_grad():
+            theta = trainer.g(
+                b.mr[mr : mr + 1], trainer.sample(b.trus[trus : trus + 1], b.perturb[trus : trus + 1])
+            )
+        moved = b.perturb[trus : trus + 1] @ resampling.rigid_matrices(theta, trainer.model.dof)
+        return trainer.sample(b.trus[trus : trus + 1], moved)[0]
+
+    # pair 1: case 0's MR against case 7's TRUS as given
+    torch.testing.assert_close(seen["mr"][n + 1], b.mr[0])
+    torch.testing.assert_close(seen["trus"][n + 1], aligned[7])
+    # pair 3: case 3's MR with its own TRUS registered by G, against case 2's TRUS registered by G
+    torch.testing.assert_close(seen["mr"][3], b.mr[3])
+    torch.testing.assert_close(seen["mr"][n + 3], b.mr[3])
+    torch.testing.assert_close(seen["trus"][3], registered(3, 3))
+    torch.testing.assert_close(seen["trus"][n + 3], registered(3, 2))
+    # pair 6: case 6's graded misalignment against case 5's perturbed start
+    torch.testing.assert_close(seen["mr"][n + 6], b.mr[5])
     torch.testing.assert_close(seen["trus"][n + 6], trainer.sample(b.trus[5:6], b.perturb[5:6])[0])
+    graded = resampling.rigid_matrices(b.target[6:7] * b.magnitude[6:7, None], trainer.model.dof)
+    torch.testing.assert_close(seen["trus"][6], trainer.sample(b.trus[6:7], graded)[0])
 
 
 def test_ranking_step_learns_to_order_alignments_by_tre(train_cache):
@@ -92,7 +111,7 @@ def test_ranking_step_learns_to_order_alignments_by_tre(train_cache):
     b = trainer.draw_batch(train_cache, 1, 0, 0)
     first = trainer.ranking_step(b)
     assert 0.0 <= first["rank_accuracy"] <= 1.0 and first["loss_d"] > 0
-    for _ in range(30):  # the same batch: its pairs end up ordered
+    for _ in range(80):  # the same batch: its pairs end up ordered
         logs = trainer.ranking_step(b)
     assert logs["loss_d"] < first["loss_d"] and logs["rank_accuracy"] == 1.0
 
@@ -159,3 +178,12 @@ def test_cli_refine_critic(tiny_dataset, tiny_model, tmp_path, capsys):
     assert "refined critic written" in capsys.readouterr().out
     assert main([*args, "--steps", "0"]) == 2
     assert "at least 1 step" in capsys.readouterr().err
+
+
+def test_calibration_holds_four_gross_failures_per_case(train_cache):
+    trainer = trainer_with("gp")
+    calibration = trainer.calibrate(train_cache, per_case=2)
+    tre = torch.tensor(calibration.tre_mm)
+    # other patient as given and registered by G, blank TRUS, swapped inputs; 2 starts and 2 estimates
+    assert (tre == training.GROSS_FAILURE_TRE_MM).sum().item() == 4 * len(train_cache)
+    assert len(tre) == 8 * len(train_cache)

@@ -193,6 +193,7 @@ class Batch:
     target: torch.Tensor
     magnitude: torch.Tensor  # (B,) in [0, 2): size of the graded misalignments shown to D
     mix: torch.Tensor  # (B,) in [0, 1): interpolation weights of the gradient penalty
+    case: torch.Tensor  # (B,) cache indices of the cases
 
 
 class Trainer:
@@ -244,7 +245,8 @@ class Trainer:
         mr, trus, pts = cache.batch(index, self.ctx.device)
         perturb = resampling.rigid_matrices(params, self.model.dof)
         target = resampling.matrix_params(resampling.invert_rigid(perturb), self.model.dof)
-        return Batch(mr, trus, pts, perturb, target, magnitude, mix)
+        case = torch.as_tensor(index, device=self.ctx.device)
+        return Batch(mr, trus, pts, perturb, target, magnitude, mix, case)
 
     @property
     def global_batch_size(self) -> int:
@@ -263,9 +265,12 @@ class Trainer:
 
     def estimates(self, b: Batch, count: int) -> torch.Tensor:
         """TRUS stacks resampled through G's estimates from the perturbed starts, for the first ``count`` items."""
-        trus, perturb = b.trus[:count], b.perturb[:count]
-        theta = self.g_ddp(b.mr[:count], self.sample(trus, perturb)).float()
-        return self.sample(trus, perturb @ resampling.rigid_matrices(theta, self.model.dof))
+        trus, start = b.trus[:count], b.perturb[:count]
+        return self.sample(trus, start @ self.estimate(b.mr[:count], trus, start))
+
+    def estimate(self, mr: torch.Tensor, trus: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """G's correction (B,4,4) of the ``start`` transforms that register the TRUS volumes to ``mr``."""
+        return resampling.rigid_matrices(self.g_ddp(mr, self.sample(trus, start)).float(), self.model.dof)
 
     def fakes(self, b: Batch, x_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`); ``x_gt`` is the aligned TRUS.
@@ -328,25 +333,34 @@ class Trainer:
     def ranking_step(self, b: Batch) -> dict:
         """One critic update that orders alignments by TRE across cases (RankNet); returns loss and accuracy.
 
-        Each case's graded misalignment (0 to 2x the perturbation range) is paired with the perturbed start of
-        the next case in the batch or, for one pair in eight, with another patient's TRUS (counted as a TRE of
-        ``GROSS_FAILURE_TRE_MM``, so a centred pair from two patients ranks below every real alignment). The loss
-        is the cross-entropy of ``sigmoid(D(a) - D(b))`` against ``TRE(a) < TRE(b)``, so a higher D means a
-        smaller error whatever the case.
+        Pair k is mostly case k's graded misalignment (0 to 2x the perturbation range) against the perturbed
+        start of case k-1. Gross failures, counted as a TRE of ``GROSS_FAILURE_TRE_MM``, take some pairs: one in
+        eight holds case k-2's TRUS as given (volume centres) against case k-1's MR; one in four holds case k's
+        MR with case k-1's TRUS registered by G, against case k's graded misalignment or (every other one) G's
+        registration of case k's own TRUS. G aligns the two glands, so only the fit of the anatomy inside tells
+        the pairs apart, as in a user's registration of the wrong patient's TRUS. The loss is the cross-entropy
+        of ``sigmoid(D(a) - D(b))`` against ``TRE(a) < TRE(b)``, so a higher D means a smaller error whatever
+        the case.
         """
         n = b.mr.shape[0]
+        k = torch.arange(n, device=b.mr.device)
         with torch.no_grad(), self.autocast():
-            graded = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
-            tre_a = tre_in_frame(graded, b.points)
-            x_a = self.sample(b.trus, graded)
-            tre_b = tre_in_frame(b.perturb, b.points).roll(1, 0)
-            x_b = self.sample(b.trus, b.perturb).roll(1, 0)
-            gross = torch.arange(n, device=x_b.device)[7::8]  # one pair in eight; none in batches under 8
-            if len(gross):
-                x_b[gross] = self.sample(b.trus[gross - 2], None)  # case k-2's TRUS, against case k-1's MR
-                tre_b[gross] = GROSS_FAILURE_TRE_MM
+            moved_a = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
+            mr_b, trus_b = (k - 1) % n, (k - 1) % n  # the batch items whose MR and TRUS make pair b
+            moved_b = b.perturb[trus_b]
+            as_given, other = k[1::8], k[3::4]  # none in batches under 2 and 4
+            own = other[::2]  # against G's registration of the case's own TRUS
+            trus_b[as_given] = (as_given - 2) % n
+            moved_b[as_given] = torch.eye(4, device=k.device)
+            mr_b[other] = other
+            moved_b[other] = moved_b[other] @ self.estimate(b.mr[other], b.trus[other - 1], moved_b[other])
+            moved_a[own] = b.perturb[own] @ self.estimate(b.mr[own], b.trus[own], b.perturb[own])
+            x_a, x_b = self.sample(b.trus, moved_a), self.sample(b.trus[trus_b], moved_b)
+            tre_a = tre_in_frame(moved_a, b.points)
+            tre_b = tre_in_frame(moved_b, b.points[trus_b])
+            tre_b[b.case[mr_b] != b.case[trus_b]] = GROSS_FAILURE_TRE_MM  # a draw may repeat a case
         with self.autocast():
-            critic = self.d_ddp(torch.cat([b.mr, b.mr.roll(1, 0)]), torch.cat([x_a, x_b])).float()
+            critic = self.d_ddp(torch.cat([b.mr, b.mr[mr_b]]), torch.cat([x_a, x_b])).float()
         margin, better = critic[:n] - critic[n:], (tre_a < tre_b).float()
         loss = F.binary_cross_entropy_with_logits(margin, better)
         self.opt_d.zero_grad(set_to_none=True)
@@ -497,7 +511,10 @@ class Trainer:
                 eye = torch.eye(4, device=self.ctx.device)[None]
                 gross_tre = torch.tensor([GROSS_FAILURE_TRE_MM])
                 other = cache.batch(np.array([(i + 1) % len(cache)]), self.ctx.device)[1]
-                record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS
+                record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS, as given ...
+                start = perturb[per_case // 2 :][:1]  # ... and registered by G from a perturbed start
+                moved = start @ resampling.rigid_matrices(self.g(mr[:1], self.sample(other, start)), dof)
+                record(mr[:1], other, from_cache, moved, gross_tre)
                 record(mr[:1], torch.zeros_like(trus[:1]), from_cache, eye, gross_tre)  # blank TRUS
                 swapped_mr = self.sample(trus[:1], None)  # TRUS given as MR and MR as TRUS
                 record(swapped_mr, mr[:1, None], from_stack, eye, gross_tre)
