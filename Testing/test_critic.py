@@ -9,7 +9,7 @@ import torch
 
 from airreg import checkpoint, distributed, resampling, training
 from airreg.cli import main
-from airreg.config import CriticConstraint, CriticObjective, TrainConfig, preset
+from airreg.config import CriticConstraint, CriticObjective, OtherPatientPairs, TrainConfig, preset
 from airreg.errors import InputError
 from airreg.registration import Registrar
 from airreg.training import Trainer
@@ -70,40 +70,60 @@ def test_gradient_penalty_reduces_the_gradient_norm_error(train_cache):
     assert penalties[-1] < 0.2 * penalties[0]  # the critic is pushed towards gradient norm 1
 
 
-def test_ranking_pairs_hold_another_patients_trus_as_given_and_registered_by_g(train_cache):
+def test_ranking_pairs_hold_another_patients_trus_one_in_eight(train_cache):
     trainer = trainer_with("gp", batch_size=8)
     b = trainer.draw_batch(train_cache, 1, 0, 0)
-    seen = {}
+    b.case = torch.arange(8)  # eight different cases
+    (mr, trus), _tre_a, tre_b = trainer.ranking_pairs(b)
+    n, aligned = 8, trainer.sample(b.trus, None)
+    torch.testing.assert_close(mr[n + 7], b.mr[6])  # case 6's MR ...
+    torch.testing.assert_close(trus[n + 7], aligned[5])  # ... against case 5's aligned TRUS, a gross failure
+    assert tre_b[7].item() == training.GROSS_FAILURE_TRE_MM
+    torch.testing.assert_close(mr[n + 6], b.mr[5])  # otherwise the previous case's perturbed start
+    torch.testing.assert_close(trus[n + 6], trainer.sample(b.trus[5:6], b.perturb[5:6])[0])
+    torch.testing.assert_close(tre_b[:7], training.tre_in_frame(b.perturb, b.points).roll(1, 0)[:7])
+    b.case = torch.zeros(8, dtype=torch.long)  # a draw that repeats one case: its own TRUS, aligned
+    assert trainer.ranking_pairs(b)[2][7].item() == 0.0
 
-    def record(mr, trus):
-        seen["mr"], seen["trus"] = mr, trus
-        return trainer.d(mr, trus)
 
-    trainer.d_ddp = record
-    trainer.ranking_step(b)
+def test_registered_other_patient_pairs(train_cache):
+    trainer = trainer_with("gp", batch_size=8)
+    b = trainer.draw_batch(train_cache, 1, 0, 0)
+    b.case = torch.arange(8)
+    (mr, trus), tre_a, tre_b = trainer.ranking_pairs(b, OtherPatientPairs.REGISTERED)
     n, aligned = 8, trainer.sample(b.trus, None)
 
     def registered(mr: int, trus: int) -> torch.Tensor:  # case trus's TRUS registered by G to case mr's MR
+        start = b.perturb[trus : trus + 1]
         with torch.no_grad():
-            theta = trainer.g(
-                b.mr[mr : mr + 1], trainer.sample(b.trus[trus : trus + 1], b.perturb[trus : trus + 1])
-            )
-        moved = b.perturb[trus : trus + 1] @ resampling.rigid_matrices(theta, trainer.model.dof)
-        return trainer.sample(b.trus[trus : trus + 1], moved)[0]
+            theta = trainer.g(b.mr[mr : mr + 1], trainer.sample(b.trus[trus : trus + 1], start))
+        return trainer.sample(b.trus[trus : trus + 1], start @ resampling.rigid_matrices(theta, 3))[0]
 
     # pair 1: case 0's MR against case 7's TRUS as given
-    torch.testing.assert_close(seen["mr"][n + 1], b.mr[0])
-    torch.testing.assert_close(seen["trus"][n + 1], aligned[7])
-    # pair 3: case 3's MR with its own TRUS registered by G, against case 2's TRUS registered by G
-    torch.testing.assert_close(seen["mr"][3], b.mr[3])
-    torch.testing.assert_close(seen["mr"][n + 3], b.mr[3])
-    torch.testing.assert_close(seen["trus"][3], registered(3, 3))
-    torch.testing.assert_close(seen["trus"][n + 3], registered(3, 2))
-    # pair 6: case 6's graded misalignment against case 5's perturbed start
-    torch.testing.assert_close(seen["mr"][n + 6], b.mr[5])
-    torch.testing.assert_close(seen["trus"][n + 6], trainer.sample(b.trus[5:6], b.perturb[5:6])[0])
-    graded = resampling.rigid_matrices(b.target[6:7] * b.magnitude[6:7, None], trainer.model.dof)
-    torch.testing.assert_close(seen["trus"][6], trainer.sample(b.trus[6:7], graded)[0])
+    torch.testing.assert_close(mr[n + 1], b.mr[0])
+    torch.testing.assert_close(trus[n + 1], aligned[7])
+    # pair 3: case 3's MR with its own TRUS registered by G, against case 2's TRUS registered by G to it
+    torch.testing.assert_close(mr[3], b.mr[3])
+    torch.testing.assert_close(mr[n + 3], b.mr[3])
+    torch.testing.assert_close(trus[3], registered(3, 3))
+    torch.testing.assert_close(trus[n + 3], registered(3, 2))
+    # pair 7: case 7's graded misalignment against case 6's TRUS registered by G to case 7's MR
+    graded = resampling.rigid_matrices(b.target[7:8] * b.magnitude[7:8, None], 3)
+    torch.testing.assert_close(trus[7], trainer.sample(b.trus[7:8], graded)[0])
+    torch.testing.assert_close(trus[n + 7], registered(7, 6))
+    gross = [i for i in range(n) if tre_b[i].item() == training.GROSS_FAILURE_TRE_MM]
+    assert gross == [1, 3, 7]
+    assert tre_a[3].item() < training.GROSS_FAILURE_TRE_MM
+
+
+def test_calibration_with_registered_other_patients(train_cache):
+    trainer = trainer_with("gp")
+    default = trainer.calibrate(train_cache, per_case=2)
+    registered = trainer.calibrate(train_cache, per_case=2, other_patient=OtherPatientPairs.REGISTERED)
+    count = len(train_cache)
+    assert len(default.tre_mm) == count * (2 * 2 + 3) and len(registered.tre_mm) == count * (2 * 2 + 4)
+    gross = sum(t == training.GROSS_FAILURE_TRE_MM for t in registered.tre_mm)
+    assert gross == 4 * count
 
 
 def test_ranking_step_learns_to_order_alignments_by_tre(train_cache):
@@ -111,7 +131,7 @@ def test_ranking_step_learns_to_order_alignments_by_tre(train_cache):
     b = trainer.draw_batch(train_cache, 1, 0, 0)
     first = trainer.ranking_step(b)
     assert 0.0 <= first["rank_accuracy"] <= 1.0 and first["loss_d"] > 0
-    for _ in range(80):  # the same batch: its pairs end up ordered
+    for _ in range(30):  # the same batch: its pairs end up ordered
         logs = trainer.ranking_step(b)
     assert logs["loss_d"] < first["loss_d"] and logs["rank_accuracy"] == 1.0
 
@@ -172,18 +192,29 @@ def test_refinement_needs_a_step(tiny_dataset, tiny_model, tmp_path):
 def test_cli_refine_critic(tiny_dataset, tiny_model, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     args = ["refine-critic", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(out)]
-    assert main([*args, "--steps", "2", "--batch-size", "4", "--fresh", "--device", "cpu"]) == 0
-    info = checkpoint.load(out)["metadata"]["critic_refinement"]
-    assert info["fresh_critic"] is True and info["objective"] == "rank"
+    options = [
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--fresh",
+        "--other-patient",
+        "registered",
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, *options]) == 0
+    model = checkpoint.load(out)
+    info = model["metadata"]["critic_refinement"]
+    assert (
+        info["fresh_critic"] is True and info["objective"] == "rank" and info["other_patient"] == "registered"
+    )
+    assert len(model["calibration"]["tre_mm"]) == model["metadata"]["val_cases"] * (24 * 2 + 4)
     assert "refined critic written" in capsys.readouterr().out
+    # a recalibration uses the same gross failures as the refinement did
+    recalibrated = training.recalibrate(
+        out, tiny_dataset, tmp_path / "recalibrated.pt", device="cpu", progress=False
+    )
+    assert checkpoint.load(recalibrated)["calibration"]["tre_mm"] == model["calibration"]["tre_mm"]
     assert main([*args, "--steps", "0"]) == 2
     assert "at least 1 step" in capsys.readouterr().err
-
-
-def test_calibration_holds_four_gross_failures_per_case(train_cache):
-    trainer = trainer_with("gp")
-    calibration = trainer.calibrate(train_cache, per_case=2)
-    tre = torch.tensor(calibration.tre_mm)
-    # other patient as given and registered by G, blank TRUS, swapped inputs; 2 starts and 2 estimates
-    assert (tre == training.GROSS_FAILURE_TRE_MM).sum().item() == 4 * len(train_cache)
-    assert len(tre) == 8 * len(train_cache)

@@ -64,7 +64,7 @@ def test_exported_model_has_calibration_and_no_optimiser(tiny_run):
     cal = model["calibration"]
     n_val = model["metadata"]["val_cases"]
     assert model["metadata"]["train_cases"] + n_val == 6 and n_val == 1  # 5:1 split by case
-    assert len(cal["critic"]) == len(cal["tre_mm"]) == n_val * (24 * 2 + 4)
+    assert len(cal["critic"]) == len(cal["tre_mm"]) == n_val * (24 * 2 + 3)
     assert all(math.isfinite(v) for v in cal["critic"] + cal["tre_mm"])
     assert cal["tre_mm"].count(training.GROSS_FAILURE_TRE_MM) >= 3 * n_val
     assert model["metadata"]["selected_epoch"] in range(1, TINY_EPOCHS + 1)

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--constraint", choices=("gp", "clip"), default="gp", help="critic constraint for --objective wgan"
     )
+    p.add_argument(
+        "--other-patient",
+        choices=("as-given", "registered"),
+        default="as-given",
+        help="how --objective rank shows another patient's TRUS: as given, or also after G registered it",
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="critic learning rate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fresh", action="store_true", help="start from new critic weights, not the model's D")
@@ -235,7 +241,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_refine_critic(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import CriticConstraint, CriticObjective
+    from .config import CriticConstraint, CriticObjective, OtherPatientPairs
     from .training import refine_critic
 
     check_writable(args.out)
@@ -253,6 +259,7 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         check_every=args.check_every,
         device=args.device,
+        other_patient=OtherPatientPairs(args.other_patient),
     )
     print(f"model with the refined critic written to {path}")
     return 0

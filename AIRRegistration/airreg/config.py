@@ -59,6 +59,20 @@ class CriticObjective(str, Enum):
     RANK = "rank"
 
 
+class OtherPatientPairs(str, Enum):
+    """How the ``rank`` refinement shows D another patient's TRUS (a gross failure, ranked last).
+
+    ``as-given`` (default): one pair in eight, the other TRUS placed as given (volume centres).
+    ``registered``: one pair in eight as given, and one in four after G registered the other TRUS to the MR,
+    against the same MR with its own TRUS; the calibration then includes such pairs too. Once G has aligned the
+    glands only the anatomy inside tells the two apart. Measured on phantoms (BENCHMARKS.md): a better flag
+    for the 6-DOF model, a worse one for the 3-DOF model; either way D catches few such registrations.
+    """
+
+    AS_GIVEN = "as-given"
+    REGISTERED = "registered"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and the grid it sees; everything inference needs to rebuild the networks."""

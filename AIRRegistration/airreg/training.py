@@ -21,6 +21,7 @@ exactly. Only rank 0 logs and writes checkpoints.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,14 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import data, distributed, preprocessing, resampling, scoring
-from .config import CriticConstraint, CriticObjective, DiscriminatorFakes, ModelConfig, TrainConfig
+from .config import (
+    CriticConstraint,
+    CriticObjective,
+    DiscriminatorFakes,
+    ModelConfig,
+    OtherPatientPairs,
+    TrainConfig,
+)
 from .errors import InputError, ModelError
 from .fileio import atomic_write, write_text
 from .geometry import apply, invert
@@ -193,7 +201,7 @@ class Batch:
     target: torch.Tensor
     magnitude: torch.Tensor  # (B,) in [0, 2): size of the graded misalignments shown to D
     mix: torch.Tensor  # (B,) in [0, 1): interpolation weights of the gradient penalty
-    case: torch.Tensor  # (B,) cache indices of the cases
+    case: torch.Tensor  # (B,) cache indices of the cases (a draw may repeat a case)
 
 
 class Trainer:
@@ -330,37 +338,55 @@ class Trainer:
                     p.clamp_(-self.cfg.clip, self.cfg.clip)
         return {"loss_d": loss.item(), **logs}
 
-    def ranking_step(self, b: Batch) -> dict:
-        """One critic update that orders alignments by TRE across cases (RankNet); returns loss and accuracy.
+    def ranking_pairs(
+        self, b: Batch, other_patient: OtherPatientPairs = OtherPatientPairs.AS_GIVEN
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The pairs of alignments the ranking step orders: ((MR, TRUS) stacks, a's then b's; TRE a; TRE b).
 
         Pair k is mostly case k's graded misalignment (0 to 2x the perturbation range) against the perturbed
-        start of case k-1. Gross failures, counted as a TRE of ``GROSS_FAILURE_TRE_MM``, take some pairs: one in
-        eight holds case k-2's TRUS as given (volume centres) against case k-1's MR; one in four holds case k's
-        MR with case k-1's TRUS registered by G, against case k's graded misalignment or (every other one) G's
-        registration of case k's own TRUS. G aligns the two glands, so only the fit of the anatomy inside tells
-        the pairs apart, as in a user's registration of the wrong patient's TRUS. The loss is the cross-entropy
-        of ``sigmoid(D(a) - D(b))`` against ``TRE(a) < TRE(b)``, so a higher D means a smaller error whatever
-        the case.
+        start of case k-1. Another patient's TRUS counts as a TRE of ``GROSS_FAILURE_TRE_MM`` (ranked below
+        every real alignment; if the draw repeated the case, its true TRE): one pair in eight holds case k-2's
+        TRUS as given against case k-1's MR. With ``other_patient="registered"`` one pair in four also holds case
+        k's MR with case k-1's TRUS registered by G from its perturbed start, against case k's graded
+        misalignment or (every other one) G's registration of case k's own TRUS (see
+        :class:`~airreg.config.OtherPatientPairs`).
         """
         n = b.mr.shape[0]
         k = torch.arange(n, device=b.mr.device)
-        with torch.no_grad(), self.autocast():
-            moved_a = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
-            mr_b, trus_b = (k - 1) % n, (k - 1) % n  # the batch items whose MR and TRUS make pair b
-            moved_b = b.perturb[trus_b]
-            as_given, other = k[1::8], k[3::4]  # none in batches under 2 and 4
-            own = other[::2]  # against G's registration of the case's own TRUS
-            trus_b[as_given] = (as_given - 2) % n
-            moved_b[as_given] = torch.eye(4, device=k.device)
-            mr_b[other] = other
-            moved_b[other] = moved_b[other] @ self.estimate(b.mr[other], b.trus[other - 1], moved_b[other])
+        if other_patient == OtherPatientPairs.REGISTERED:
+            as_given, registered = k[1::8], k[3::4]
+        else:
+            as_given, registered = k[7::8], k[:0]
+        moved_a = resampling.rigid_matrices(b.target * b.magnitude[:, None], self.model.dof)
+        mr_b, trus_b = (k - 1) % n, (k - 1) % n  # the batch items whose MR and TRUS make pair b
+        moved_b = b.perturb[trus_b]
+        trus_b[as_given] = (as_given - 2) % n
+        moved_b[as_given] = torch.eye(4, device=k.device)
+        if len(registered):
+            own = registered[::2]
+            mr_b[registered] = registered
+            start = moved_b[registered]
+            moved_b[registered] = start @ self.estimate(b.mr[registered], b.trus[registered - 1], start)
             moved_a[own] = b.perturb[own] @ self.estimate(b.mr[own], b.trus[own], b.perturb[own])
-            x_a, x_b = self.sample(b.trus, moved_a), self.sample(b.trus[trus_b], moved_b)
-            tre_a = tre_in_frame(moved_a, b.points)
-            tre_b = tre_in_frame(moved_b, b.points[trus_b])
-            tre_b[b.case[mr_b] != b.case[trus_b]] = GROSS_FAILURE_TRE_MM  # a draw may repeat a case
+        tre_a = tre_in_frame(moved_a, b.points)
+        tre_b = tre_in_frame(moved_b, b.points[trus_b])
+        tre_b[b.case[mr_b] != b.case[trus_b]] = GROSS_FAILURE_TRE_MM
+        stacks = (
+            torch.cat([b.mr, b.mr[mr_b]]),
+            torch.cat([self.sample(b.trus, moved_a), self.sample(b.trus[trus_b], moved_b)]),
+        )
+        return stacks, tre_a, tre_b
+
+    def ranking_step(self, b: Batch, other_patient: OtherPatientPairs = OtherPatientPairs.AS_GIVEN) -> dict:
+        """One critic update that orders alignments by TRE across cases (RankNet, pairs from
+        :meth:`ranking_pairs`); returns loss and accuracy. The loss is the cross-entropy of
+        ``sigmoid(D(a) - D(b))`` against ``TRE(a) < TRE(b)``, so a higher D means a smaller error whatever the
+        case."""
+        n = b.mr.shape[0]
+        with torch.no_grad(), self.autocast():
+            (mr, trus), tre_a, tre_b = self.ranking_pairs(b, other_patient)
         with self.autocast():
-            critic = self.d_ddp(torch.cat([b.mr, b.mr[mr_b]]), torch.cat([x_a, x_b])).float()
+            critic = self.d_ddp(mr, trus).float()
         margin, better = critic[:n] - critic[n:], (tre_a < tre_b).float()
         loss = F.binary_cross_entropy_with_logits(margin, better)
         self.opt_d.zero_grad(set_to_none=True)
@@ -479,9 +505,15 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def calibrate(self, cache: CaseCache, per_case: int = 24) -> Calibration:
+    def calibrate(
+        self,
+        cache: CaseCache,
+        per_case: int = 24,
+        other_patient: OtherPatientPairs = OtherPatientPairs.AS_GIVEN,
+    ) -> Calibration:
         """Quality statistics and TRE on validation cases over misalignments from none to twice the training
-        range, G's estimates and gross failures; keeps the statistic that best flags TRE > 5 mm (scoring.py)."""
+        range, G's estimates and gross failures (with ``other_patient="registered"`` also another patient's
+        TRUS registered by G); keeps the statistic that best flags TRE > 5 mm (scoring.py)."""
         self.g.eval()
         self.d.eval()
         grid, dof = self.model.grid, self.model.dof
@@ -511,10 +543,13 @@ class Trainer:
                 eye = torch.eye(4, device=self.ctx.device)[None]
                 gross_tre = torch.tensor([GROSS_FAILURE_TRE_MM])
                 other = cache.batch(np.array([(i + 1) % len(cache)]), self.ctx.device)[1]
-                record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS, as given ...
-                start = perturb[per_case // 2 :][:1]  # ... and registered by G from a perturbed start
-                moved = start @ resampling.rigid_matrices(self.g(mr[:1], self.sample(other, start)), dof)
-                record(mr[:1], other, from_cache, moved, gross_tre)
+                record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS
+                if (
+                    other_patient == OtherPatientPairs.REGISTERED
+                ):  # ... registered by G from a perturbed start
+                    start = perturb[per_case // 2 :][:1]
+                    moved = start @ resampling.rigid_matrices(self.g(mr[:1], self.sample(other, start)), dof)
+                    record(mr[:1], other, from_cache, moved, gross_tre)
                 record(mr[:1], torch.zeros_like(trus[:1]), from_cache, eye, gross_tre)  # blank TRUS
                 swapped_mr = self.sample(trus[:1], None)  # TRUS given as MR and MR as TRUS
                 record(swapped_mr, mr[:1, None], from_stack, eye, gross_tre)
@@ -720,7 +755,7 @@ def recalibrate(
             if (folder / "ids.json").exists()
             else build_cache(cases, trainer.model, trainer.normalization, folder, progress)
         )
-    calibration = trainer.calibrate(cache)
+    calibration = trainer.calibrate(cache, other_patient=refined_other_patient(state))
     exported = ckpt.export_for_inference(state)
     exported["calibration"] = calibration.to_dict()
     exported["metadata"] = {
@@ -729,6 +764,13 @@ def recalibrate(
         "calibration_split": split,
     }
     return ckpt.save(out, exported)
+
+
+def refined_other_patient(state: dict) -> OtherPatientPairs:
+    """How a model's critic refinement showed D another patient's TRUS (as given if it had none), so that a
+    recalibration uses the same gross failures."""
+    refinement = state.get("metadata", {}).get("critic_refinement") or {}
+    return OtherPatientPairs(refinement.get("other_patient", OtherPatientPairs.AS_GIVEN.value))
 
 
 def quality_auroc(calibration: Calibration) -> float:
@@ -750,13 +792,15 @@ def refine_critic(
     check_every: int = 500,
     device: str = "auto",
     progress: bool = True,
+    other_patient: OtherPatientPairs = OtherPatientPairs.AS_GIVEN,
 ) -> Path:
     """Train D alone against the frozen G of a trained model, recalibrate it, and write the model to ``out``.
 
     The adversarially trained critic separates aligned pairs from G's outputs, but nothing in its loss makes
     its values comparable across cases, which a quality flag needs. Trained afterwards with G fixed (same
     train/validation split, draws never used in training) on ``objective`` (see
-    :class:`~airreg.config.CriticObjective`; ``constraint`` applies to ``wgan``), it becomes a better judge of
+    :class:`~airreg.config.CriticObjective`; ``constraint`` applies to ``wgan``, ``other_patient`` to ``rank``
+    and the calibration, see :class:`~airreg.config.OtherPatientPairs`), it becomes a better judge of
     alignment; G, and so the registration, is unchanged. ``fresh`` starts from new critic weights instead of
     the model's. Every ``check_every`` steps the AUROC of the quality statistic on the validation cases is
     logged. Caches go in ``out``'s folder (a training run folder reuses the run's caches).
@@ -776,7 +820,10 @@ def refine_critic(
     trainer.g.requires_grad_(False)
     if objective == CriticObjective.RANK:  # a ranking loss needs no Lipschitz constraint: Adam, no clipping
         trainer.opt_d = torch.optim.Adam(trainer.d.parameters(), lr=lr_d, betas=(0.5, 0.9))
-    update = trainer.ranking_step if objective == CriticObjective.RANK else trainer.critic_step
+    if objective == CriticObjective.RANK:
+        update = functools.partial(trainer.ranking_step, other_patient=other_patient)
+    else:
+        update = trainer.critic_step
     out.parent.mkdir(parents=True, exist_ok=True)
     train_cache, val_cache = split_caches(Path(data_root), out.parent, trainer, progress)
     history: list[dict] = []
@@ -787,11 +834,11 @@ def refine_critic(
         trainer.d.train()
         row = {"step": step, **update(trainer.draw_batch(train_cache, epoch, step, 0))}
         if step % check_every == 0 or step == steps:
-            calibration = trainer.calibrate(val_cache, per_case=8)
+            calibration = trainer.calibrate(val_cache, per_case=8, other_patient=other_patient)
             row.update(val_auroc=quality_auroc(calibration), statistic=calibration.statistic)
             tqdm.write(f"step {step}: validation AUROC {row['val_auroc']:.3f} ({calibration.statistic})")
         history.append(row)
-    calibration = trainer.calibrate(val_cache)
+    calibration = trainer.calibrate(val_cache, other_patient=other_patient)
     exported = ckpt.export_for_inference(state)
     exported["discriminator"] = trainer.d.state_dict()
     exported["calibration"] = calibration.to_dict()
@@ -800,6 +847,7 @@ def refine_critic(
         "critic_refinement": {
             "objective": objective.value,
             "constraint": constraint.value if objective == CriticObjective.WGAN else None,
+            "other_patient": other_patient.value,
             "steps": steps,
             "lr_d": lr_d,
             "batch_size": batch_size,
