@@ -215,3 +215,25 @@ def test_bundled_model_names_resolve_inside_the_package(tmp_path, monkeypatch):
     assert ckpt_module.resolve("no-such-model") == Path("no-such-model")  # not a bundled name: stays a path
     (tmp_path / "phantom-3dof").write_bytes(b"x")  # a real file of that name wins
     assert ckpt_module.resolve("phantom-3dof") == Path("phantom-3dof")
+
+
+@pytest.mark.parametrize(
+    ("name", "dof", "other_patient"), [("phantom-3dof", 3, "as-given"), ("phantom-6dof", 6, "registered")]
+)
+def test_bundled_models_record_how_their_critic_was_refined(name, dof, other_patient):
+    from airreg.training import refined_other_patient
+
+    path = checkpoint.resolve(name)
+    if not path.exists():
+        pytest.skip(f"bundled model {path.name} is not installed")
+    state = checkpoint.load(path)
+    assert state["model_config"]["dof"] == dof
+    info = state["metadata"]["critic_refinement"]
+    assert info["objective"] == "rank" and len(info["from_model_sha256"]) == 64
+    assert refined_other_patient(state).value == other_patient  # what a recalibration reproduces
+    calibration = state["calibration"]
+    assert (
+        len(calibration["critic"])
+        == len(calibration["tre_mm"])
+        == 40 * (24 * 2 + 3 + (other_patient == "registered"))
+    )
