@@ -544,10 +544,8 @@ class Trainer:
                 gross_tre = torch.tensor([GROSS_FAILURE_TRE_MM])
                 other = cache.batch(np.array([(i + 1) % len(cache)]), self.ctx.device)[1]
                 record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS
-                if (
-                    other_patient == OtherPatientPairs.REGISTERED
-                ):  # ... registered by G from a perturbed start
-                    start = perturb[per_case // 2 :][:1]
+                if other_patient == OtherPatientPairs.REGISTERED:
+                    start = perturb[per_case // 2 :][:1]  # ... registered by G from a perturbed start
                     moved = start @ resampling.rigid_matrices(self.g(mr[:1], self.sample(other, start)), dof)
                     record(mr[:1], other, from_cache, moved, gross_tre)
                 record(mr[:1], torch.zeros_like(trus[:1]), from_cache, eye, gross_tre)  # blank TRUS
@@ -818,12 +816,10 @@ def refine_critic(
     ctx = distributed.DistContext(0, 1, distributed.select_device(device))
     trainer = trainer_from_state(state, ctx, cfg, load_critic=not fresh)
     trainer.g.requires_grad_(False)
+    update = trainer.critic_step
     if objective == CriticObjective.RANK:  # a ranking loss needs no Lipschitz constraint: Adam, no clipping
         trainer.opt_d = torch.optim.Adam(trainer.d.parameters(), lr=lr_d, betas=(0.5, 0.9))
-    if objective == CriticObjective.RANK:
         update = functools.partial(trainer.ranking_step, other_patient=other_patient)
-    else:
-        update = trainer.critic_step
     out.parent.mkdir(parents=True, exist_ok=True)
     train_cache, val_cache = split_caches(Path(data_root), out.parent, trainer, progress)
     history: list[dict] = []
