@@ -81,7 +81,33 @@ def test_only_the_requested_statistics_are_computed():
     raw = scoring.judge(Counting(0.0), mr, volume, from_frame, eye, GRID, 3, ("critic",))
     assert set(raw) == {"critic"} and len(calls) == 1  # no probes
     both = scoring.judge(Counting(0.0), mr, volume, from_frame, eye, GRID, 3)
-    assert set(both) == {"critic", "contrast"} and len(calls) == 1 + 1 + 6
+    assert set(both) == {"critic", "contrast"} and calls[1:] == [1, 6]  # one volume: the 6 probes in one pass
     assert torch.equal(raw["critic"], both["critic"])
     with pytest.raises(ValueError, match="unknown D statistics"):
         scoring.judge(Counting(0.0), mr, volume, from_frame, eye, GRID, 3, ("mean",))
+
+
+def test_probes_in_one_pass_match_probes_one_at_a_time():
+    """One volume for the batch (registration) takes all probes in one critic pass; distinct volumes (calibration)
+    take them one at a time. Both give the same statistics."""
+    volume, from_frame, mr = _volume_and_mr()
+    transforms = resampling.rigid_matrices(torch.tensor([[0.0, 1.0, 0.0], [5.0, -2.0, 1.0]]), 3)
+    calls = []
+
+    class Counting(MatchCritic):
+        def forward(self, mr, trus):
+            calls.append(len(mr))
+            return super().forward(mr, trus)
+
+    mrs = mr.expand(2, -1, -1, -1)
+    shared = scoring.judge(
+        Counting(0.3), mrs, volume.expand(2, -1, -1, -1, -1), from_frame, transforms, GRID, 3
+    )
+    assert calls == [2, 12]
+    calls.clear()
+    separate = scoring.judge(
+        Counting(0.3), mrs, volume.repeat(2, 1, 1, 1, 1), from_frame, transforms, GRID, 3
+    )
+    assert calls == [2] * 7
+    torch.testing.assert_close(shared["contrast"], separate["contrast"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(shared["critic"], separate["critic"])

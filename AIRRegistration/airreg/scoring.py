@@ -68,10 +68,19 @@ def judge(
     if "contrast" not in statistics:
         return {"critic": raw}
     probes = probe_matrices(dof, transforms.device)
-    # one probe at a time: the volumes are sampled in place, never copied per probe
-    around = torch.stack(
-        [critic(mr, resampling.sample(trus_volume, volume_from_frame, grid, transforms @ p)) for p in probes]
-    )
+    k, b = len(probes), transforms.shape[0]
+    one_volume = trus_volume.shape[0] == 1 or trus_volume.stride(0) == 0
+    if one_volume and torch.as_tensor(volume_from_frame).ndim == 2:  # registration: every probe in one pass
+        moved = (transforms[None] @ probes[:, None]).reshape(k * b, 4, 4)
+        stacks = resampling.sample(trus_volume[:1], volume_from_frame, grid, moved)
+        around = critic(mr.repeat(k, 1, 1, 1), stacks).reshape(k, b)
+    else:  # one probe at a time: the volumes are sampled in place, never copied per probe
+        around = torch.stack(
+            [
+                critic(mr, resampling.sample(trus_volume, volume_from_frame, grid, transforms @ p))
+                for p in probes
+            ]
+        )
     return {
         name: value
         for name, value in (("critic", raw), ("contrast", raw - around.mean(dim=0)))
