@@ -276,9 +276,13 @@ class Trainer:
         trus, start = b.trus[:count], b.perturb[:count]
         return self.sample(trus, start @ self.estimate(b.mr[:count], trus, start))
 
-    def estimate(self, mr: torch.Tensor, trus: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """G's correction (B,4,4) of the ``start`` transforms that register the TRUS volumes to ``mr``."""
-        return resampling.rigid_matrices(self.g_ddp(mr, self.sample(trus, start)).float(), self.model.dof)
+    def estimate(
+        self, mr: torch.Tensor, trus: torch.Tensor, start: torch.Tensor, generator: nn.Module | None = None
+    ) -> torch.Tensor:
+        """G's correction (B,4,4) of the ``start`` transforms that register the TRUS volumes to ``mr``;
+        ``generator`` (default: the training wrapper of G) lets one rank run the plain G alone."""
+        theta = (generator or self.g_ddp)(mr, self.sample(trus, start)).float()
+        return resampling.rigid_matrices(theta, self.model.dof)
 
     def fakes(self, b: Batch, x_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(MR, TRUS) stacks shown to D as misaligned (see :class:`DiscriminatorFakes`); ``x_gt`` is the aligned TRUS.
@@ -537,7 +541,7 @@ class Trainer:
                     gen, per_case, dof, self.cfg.rotation_deg, self.cfg.translation_mm
                 )
                 perturb = resampling.rigid_matrices((params * magnitude).to(self.ctx.device), dof)
-                estimate = perturb @ resampling.rigid_matrices(self.g(mr, self.sample(trus, perturb)), dof)
+                estimate = perturb @ self.estimate(mr, trus, perturb, self.g)
                 for transform in (perturb, estimate):
                     record(mr, trus, from_cache, transform, tre_in_frame(transform, pts))
                 eye = torch.eye(4, device=self.ctx.device)[None]
@@ -546,7 +550,7 @@ class Trainer:
                 record(mr[:1], other, from_cache, eye, gross_tre)  # another patient's TRUS
                 if other_patient == OtherPatientPairs.REGISTERED:
                     start = perturb[per_case // 2 :][:1]  # ... registered by G from a perturbed start
-                    moved = start @ resampling.rigid_matrices(self.g(mr[:1], self.sample(other, start)), dof)
+                    moved = start @ self.estimate(mr[:1], other, start, self.g)
                     record(mr[:1], other, from_cache, moved, gross_tre)
                 record(mr[:1], torch.zeros_like(trus[:1]), from_cache, eye, gross_tre)  # blank TRUS
                 swapped_mr = self.sample(trus[:1], None)  # TRUS given as MR and MR as TRUS

@@ -418,6 +418,19 @@ def load_volume(scene, path: Path, name: str):
     return node
 
 
+def load_phantom_pair(scene, folder: Path, seed: int):
+    """A generated phantom case written as NRRD and loaded through storage nodes: ``(case, mr_node, trus_node)``."""
+    phantom = pytest.importorskip("airreg.phantom")
+    case = phantom.generate_case(seed)
+    sitk.WriteImage(case.mr, str(folder / "mr.nrrd"))
+    sitk.WriteImage(case.trus, str(folder / "trus.nrrd"))
+    return (
+        case,
+        load_volume(scene, folder / "mr.nrrd", "MR"),
+        load_volume(scene, folder / "trus.nrrd", "TRUS"),
+    )
+
+
 def write_and_read_back(scene, transform_node, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Write a transform node with vtkMRMLTransformStorageNode; read it back with SimpleITK and a storage node."""
     writer = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
@@ -504,14 +517,9 @@ def test_phantom_end_to_end_with_bundled_model(scene, tmp_path, bundled_registra
     The TRUS starts under a transform made like the paper's evaluation starts (the ground truth perturbed by up to
     25 degrees about the slice normal and 5 mm in-plane), the alignment a fusion system would hand over.
     """
-    phantom = pytest.importorskip("airreg.phantom")
     from airreg.evaluation import random_start
 
-    case = phantom.generate_case(0)
-    sitk.WriteImage(case.mr, str(tmp_path / "mr.nrrd"))
-    sitk.WriteImage(case.trus, str(tmp_path / "trus.nrrd"))
-    mr = load_volume(scene, tmp_path / "mr.nrrd", "MR")
-    trus = load_volume(scene, tmp_path / "trus.nrrd", "TRUS")
+    case, mr, trus = load_phantom_pair(scene, tmp_path, 0)
     start = random_start(case, 3, np.random.default_rng(7))
     start_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "start")
     start_node.SetMatrixTransformToParent(
@@ -551,13 +559,8 @@ def test_phantom_end_to_end_with_real_registrar(scene, tmp_path, tiny_model):
     """Real core on MRML nodes (tiny 2-epoch model from conftest, so no accuracy claim): the phantom pair is
     loaded through vtkMRMLVolumeArchetypeStorageNode, the result written through vtkMRMLTransformStorageNode
     reads back identically with SimpleITK, the landmarks agree with the matrix and the inputs are unchanged."""
-    phantom = pytest.importorskip("airreg.phantom")
     registration = pytest.importorskip("airreg.registration")
-    case = phantom.generate_case(1)
-    sitk.WriteImage(case.mr, str(tmp_path / "mr.nrrd"))
-    sitk.WriteImage(case.trus, str(tmp_path / "trus.nrrd"))
-    mr = load_volume(scene, tmp_path / "mr.nrrd", "MR")
-    trus = load_volume(scene, tmp_path / "trus.nrrd", "TRUS")
+    case, mr, trus = load_phantom_pair(scene, tmp_path, 1)
     assert_same_geometry(bridge.image_from_volume_node(mr), case.mr)
     assert_same_geometry(bridge.image_from_volume_node(trus), case.trus)
     # a manual start 6 mm off the truth, as the user would leave it
