@@ -54,7 +54,9 @@ class AIRRegistration(ScriptedLoadableModule):
             "Rigid registration of a 3D transrectal ultrasound (TRUS) volume to an MR volume with AIR-net "
             "(adversarial image registration), plus a discriminator score (D-score) and an estimated error that "
             "flag poor alignments. The result is a linear transform: the TRUS volume is put under it, and it can "
-            "be exported as an ITK transform (LPS), a 4x4 RAS matrix and a JSON report for biopsy planning."
+            "be exported as an ITK transform (LPS), a 4x4 RAS matrix and a JSON report for biopsy planning. "
+            "It also warns when the two volumes belong to different patients (their DICOM PatientIDs, or the "
+            "patients they are filed under in the Data module)."
             "<br><br><b>" + DISCLAIMER + "</b>"
         )
         self.parent.acknowledgementText = _(
@@ -115,8 +117,9 @@ class MissingDependencyError(ValueError):
 def dicomPatientLookup():
     """PatientID of a DICOM instance UID from Slicer's DICOM database, or None when no database is open.
 
-    Volumes loaded from DICOM carry their instance UIDs; with their PatientIDs the core warns when the MR and
-    the TRUS belong to different patients.
+    Volumes loaded from DICOM carry their instance UIDs; with their PatientIDs (else the subject hierarchy's
+    patients, see ``mrml_bridge.patient_id_of_node``) the core warns when the MR and the TRUS belong to different
+    patients.
     """
     database = getattr(slicer, "dicomDatabase", None)
     if database is None or not database.isOpen:

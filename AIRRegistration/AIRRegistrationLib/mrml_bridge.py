@@ -54,6 +54,11 @@ DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 #: Looks up the PatientID of a DICOM instance UID (in Slicer: ``slicer.dicomDatabase.instanceValue``).
 PatientLookup = Callable[[str], str]
 
+#: Subject-hierarchy level of a patient item, and the attribute in which Slicer's DICOM import stores the
+#: patient's PatientID on that item (``vtkMRMLSubjectHierarchyConstants``).
+PATIENT_LEVEL = "Patient"
+PATIENT_ID_ITEM_ATTRIBUTE = "DICOM.PatientID"
+
 _ORTHONORMAL_TOL = 1e-4
 
 
@@ -263,20 +268,38 @@ def set_registration_result(
     return to_parent
 
 
-def patient_id_of_node(node, lookup: PatientLookup | None) -> str | None:
-    """The PatientID of a volume loaded from DICOM (its first instance UID, looked up with ``lookup``); None
-    when the node did not come from DICOM, no lookup is given, or the lookup knows nothing."""
-    uids = (node.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
-    if lookup is None or not uids:
+def subject_hierarchy_patient(node) -> str | None:
+    """The patient a volume is filed under in Slicer's subject hierarchy (the Data module): the patient item's
+    DICOM PatientID, else the item's name; None when the volume is under no patient item."""
+    scene = node.GetScene()
+    hierarchy = scene.GetSubjectHierarchyNode() if scene is not None else None
+    if hierarchy is None:
         return None
-    return (lookup(uids[0]) or "").strip() or None
+    invalid = hierarchy.GetInvalidItemID()
+    item = hierarchy.GetItemByDataNode(node)
+    patient = invalid if item == invalid else hierarchy.GetItemAncestorAtLevel(item, PATIENT_LEVEL)
+    if patient == invalid:
+        return None
+    identifier = hierarchy.GetItemAttribute(patient, PATIENT_ID_ITEM_ATTRIBUTE)
+    return (identifier or hierarchy.GetItemName(patient)).strip() or None
+
+
+def patient_id_of_node(node, lookup: PatientLookup | None) -> str | None:
+    """Who a volume belongs to: the PatientID of its DICOM files (its first instance UID, looked up with
+    ``lookup``), else the patient it is filed under in the subject hierarchy; None when neither is known."""
+    uids = (node.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
+    if lookup is not None and uids:
+        identifier = (lookup(uids[0]) or "").strip()
+        if identifier:
+            return identifier
+    return subject_hierarchy_patient(node)
 
 
 def images_from_volume_nodes(
     mr_node, trus_node, patient_lookup: PatientLookup | None = None
 ) -> tuple[sitk.Image, sitk.Image]:
     """The validated (MR in world, TRUS in its local frame) image pair the core registers, each carrying its
-    DICOM PatientID when ``patient_lookup`` finds one, so that the core can warn on two different patients."""
+    patient when known (:func:`patient_id_of_node`), so that the core can warn on two different patients."""
     reason = validate_inputs(mr_node, trus_node)
     if reason:
         raise InputError(reason)

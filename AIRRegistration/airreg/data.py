@@ -159,7 +159,7 @@ def patient_mismatch(mr: sitk.Image, trus: sitk.Image) -> str | None:
     ids = patient_id(mr), patient_id(trus)
     if None in ids or ids[0] == ids[1]:
         return None
-    return f"the MR and the TRUS belong to different patients (DICOM PatientID {ids[0]!r} and {ids[1]!r})"
+    return f"the MR and the TRUS belong to different patients ({ids[0]!r} and {ids[1]!r})"
 
 
 def _binarize(image: sitk.Image, path: Path, what: str) -> sitk.Image:

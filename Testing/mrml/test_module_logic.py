@@ -351,3 +351,22 @@ def test_registration_of_two_patients_from_dicom_warns(
     assert result.quality == "warning" and "PAT-002" in result.warning
     database.patients["1.2.4.1"] = "PAT-001"  # same patient: the D-score decides again
     assert "different patients" not in (logic.scoreAlignment(mr, trus).warning or "")
+
+
+def test_registration_of_volumes_filed_under_two_patients_warns(
+    logic: Any, scene: slicer.vtkMRMLScene, phantom_case: PhantomCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Volumes loaded from files but filed under different patients in the subject hierarchy, no DICOM
+    database: the module warns, naming both."""
+    monkeypatch.setattr(slicer, "dicomDatabase", None, raising=False)
+    mr, trus = add_pair(scene, phantom_case)
+    hierarchy = scene.GetSubjectHierarchyNode()
+    for node, name in ((mr, "Patient 1"), (trus, "Patient 2")):
+        patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), name)
+        hierarchy.CreateItem(patient, node)
+    put_under_transform(scene, trus, np.asarray(phantom_case.gt), "manual")
+
+    quality = logic.scoreAlignment(mr, trus)
+
+    assert quality.quality == "warning"
+    assert "different patients ('Patient 1' and 'Patient 2')" in quality.warning

@@ -624,3 +624,48 @@ def test_dicom_patient_ids_reach_the_core_and_unknown_ones_do_not(scene):
     trus.RemoveAttribute(bridge.DICOM_INSTANCE_UIDS_ATTRIBUTE)  # not from DICOM
     assert bridge.patient_id_of_node(trus, patients.get) is None
     assert bridge.patient_id_of_node(mr, {}.get) is None  # a UID the database does not know
+
+
+def file_under_patient(scene, node, patient_name: str, patient_id: str | None = None) -> int:
+    """File a volume under a (new) patient item and study of the subject hierarchy, as the Data module does."""
+    hierarchy = scene.GetSubjectHierarchyNode()
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), patient_name)
+    if patient_id is not None:
+        hierarchy.SetItemAttribute(patient, bridge.PATIENT_ID_ITEM_ATTRIBUTE, patient_id)
+    study = hierarchy.CreateStudyItem(patient, "Study")
+    item = hierarchy.GetItemByDataNode(node)
+    if item == hierarchy.GetInvalidItemID():
+        hierarchy.CreateItem(study, node)
+    else:
+        hierarchy.SetItemParent(item, study)
+    return patient
+
+
+def test_subject_hierarchy_patients_reach_the_core(scene):
+    """Volumes filed under patients in the subject hierarchy carry that patient (its DICOM PatientID, else its
+    name) to the core; the DICOM database's PatientID comes first; volumes under no patient carry none."""
+    mr = bridge.add_volume_node_from_image(scene, make_image(seed=1), "MR")
+    trus = bridge.add_volume_node_from_image(scene, make_image(seed=2), "TRUS")
+    assert bridge.patient_id_of_node(mr, None) is None  # not in the hierarchy at all
+    hierarchy = scene.GetSubjectHierarchyNode()
+    hierarchy.CreateItem(hierarchy.GetSceneItemID(), trus)
+    assert bridge.subject_hierarchy_patient(trus) is None  # at the top level, under no patient
+    patient_a = file_under_patient(scene, mr, "Doe^John", patient_id="PAT-007")
+    file_under_patient(scene, trus, " Roe^Richard ")
+    mr_before, trus_before = snapshot(mr), snapshot(trus)
+    registrar = RecordingRegistrar(rigid())
+    bridge.register_volume_nodes(registrar, mr, trus)
+    call = registrar.calls[0]
+    assert data.patient_id(call["mr"]) == "PAT-007" and data.patient_id(call["trus"]) == "Roe^Richard"
+    warning = data.patient_mismatch(call["mr"], call["trus"])
+    assert "different patients ('PAT-007' and 'Roe^Richard')" in warning
+    assert_unchanged(mr, mr_before)
+    assert_unchanged(trus, trus_before, parent_may_change=True)
+    # the TRUS is moved to the MR's patient
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(trus), patient_a)
+    registrar.calls.clear()
+    bridge.score_volume_nodes(registrar, mr, trus)
+    assert data.patient_mismatch(registrar.calls[0]["mr"], registrar.calls[0]["trus"]) is None
+    trus.SetAttribute(bridge.DICOM_INSTANCE_UIDS_ATTRIBUTE, "1.2.4.1")
+    assert bridge.patient_id_of_node(trus, {"1.2.4.1": "PAT-002"}.get) == "PAT-002"  # the database first
+    assert bridge.patient_id_of_node(trus, {}.get) == "PAT-007"  # unknown UID: the hierarchy
