@@ -104,6 +104,7 @@ class AIRRegistrationParameterNode:
     dScoreBefore: str = ""
     dScoreAfter: str = ""
     estimatedErrorMm: str = ""
+    samePatient: str = ""
     elapsed: str = ""
     quality: str = ""
     statusText: str = ""
@@ -223,6 +224,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dScoreBeforeValueLabel.text = p.dScoreBefore or "-"
         self.ui.dScoreAfterValueLabel.text = p.dScoreAfter or "-"
         self.ui.estimatedErrorValueLabel.text = p.estimatedErrorMm or "-"
+        self.ui.samePatientValueLabel.text = p.samePatient or "-"
         self.ui.timeValueLabel.text = p.elapsed or "-"
         self._showStatus(p.statusText or _("No result yet."), p.quality)
 
@@ -546,6 +548,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.dScoreBefore = f"{result.d_score_before:.3f}"
             p.dScoreAfter = f"{result.d_score:.3f}"
             p.estimatedErrorMm = f"{result.estimated_tre_mm:.1f} mm"
+            p.samePatient = self.samePatientText(result.after)
             p.elapsed = f"{result.seconds:.1f} s"
             p.quality = result.quality
             p.statusText = self.statusText(result.quality, result.warning)
@@ -562,10 +565,19 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.dScoreBefore = f"{quality.d_score:.3f}"
             p.dScoreAfter = ""
             p.estimatedErrorMm = f"{quality.estimated_tre_mm:.1f} mm"
+            p.samePatient = self.samePatientText(quality)
             p.elapsed = ""
             p.quality = quality.quality
             p.statusText = _("Current alignment: ") + self.statusText(quality.quality, quality.warning)
         return quality
+
+    @staticmethod
+    def samePatientText(verdict) -> str:
+        """The patient check's score for the result fields, or why there is none."""
+        if verdict.same_patient_score is None:
+            return _("not checked (the model has no patient check)")
+        flag = _(" (another patient?)") if verdict.patient_flagged else ""
+        return f"{verdict.same_patient_score:.2f}{flag}"
 
     @staticmethod
     def statusText(quality: str, warning) -> str:

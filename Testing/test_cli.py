@@ -134,6 +134,8 @@ def test_evaluate_writes_the_summaries_and_figures(tiny_dataset, tiny_model, tmp
     assert set(gross) == {"swapped", "other_patient"}
     assert all(g["cases"] == 6 and 0 <= g["warned"] + g["errors"] <= 6 for g in gross.values())
     assert "gross failure, inputs swapped: warning on" in (out / "summary.md").read_text()
+    assert summary["patient_check_false_alarms"] is None  # the model has no patient check
+    assert all(g["patient_check"] == 0 for g in gross.values())
     assert (out / "boxplots.png").read_bytes()[:8] == PNG
     with (out / "cases.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -9,7 +9,8 @@ from airreg.evaluation import gross_failures
 
 
 class ScriptedRegistrar:
-    """Records what it is asked to register; warns on swapped inputs, refuses case 'c' as the TRUS."""
+    """Records what it is asked to register; warns on swapped inputs, refuses case 'c' as the TRUS; its patient
+    check flags case 'b''s TRUS under case 'a''s MR."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -18,7 +19,11 @@ class ScriptedRegistrar:
         self.calls.append((mr, trus))
         if trus == "trus-c":
             raise InputError("no overlap")
-        return SimpleNamespace(quality="warning" if mr.startswith("trus") else "ok")
+        flagged = (mr, trus) == ("mr-a", "trus-b")
+        warned = mr.startswith("trus") or flagged
+        return SimpleNamespace(
+            after=SimpleNamespace(quality="warning" if warned else "ok", patient_flagged=flagged)
+        )
 
 
 def test_gross_failures_registers_swapped_inputs_and_the_next_patients_trus():
@@ -33,5 +38,5 @@ def test_gross_failures_registers_swapped_inputs_and_the_next_patients_trus():
         ("trus-c", "mr-c"),
         ("mr-c", "trus-a"),
     ]
-    assert counts["swapped"] == {"warned": 3, "errors": 0, "cases": 3}
-    assert counts["other_patient"] == {"warned": 0, "errors": 1, "cases": 3}
+    assert counts["swapped"] == {"warned": 3, "patient_check": 0, "errors": 0, "cases": 3}
+    assert counts["other_patient"] == {"warned": 1, "patient_check": 1, "errors": 1, "cases": 3}

@@ -163,3 +163,17 @@ def test_assess_threshold_follows_the_tolerance():
     critic = -1.2  # expected TRE around 6 mm
     assert assess(critic, cal, 12.0).quality == "ok"
     assert assess(critic, cal, 2.0).quality == "warning"
+
+
+def test_assess_warns_when_the_patient_check_flags_a_good_alignment():
+    cal = make_calibration()
+    check = quality.PatientCheckCalibration(0.0, 0.05, 0.6, 0.9, 100, 100)  # logits below 0 are flagged
+    same = assess(1.0, cal, 5.0, patient_logit=2.0, patient_check=check)
+    assert same.quality == "ok" and same.same_patient_score == pytest.approx(1 / (1 + np.exp(-2.0)))
+    other = assess(1.0, cal, 5.0, patient_logit=-1.5, patient_check=check)
+    assert other.warning == (
+        "the TRUS may belong to another patient (same-patient score 0.18, below 0.50): check the inputs"
+    )
+    poor = assess(-3.0, cal, 5.0, patient_logit=-1.5, patient_check=check)  # a poor alignment is named first
+    assert poor.warning.startswith("alignment looks poor") and poor.same_patient_score < 0.5
+    assert assess(1.0, cal, 5.0).same_patient_score is None  # a model without the check

@@ -271,8 +271,8 @@ def set_registration_result(
 def subject_hierarchy_patient(node) -> str | None:
     """The patient a volume is filed under in Slicer's subject hierarchy (the Data module): the patient item's
     DICOM PatientID, else the item's name; None when the volume is under no patient item."""
-    scene = node.GetScene()
-    hierarchy = scene.GetSubjectHierarchyNode() if scene is not None else None
+    scene = node.GetScene()  # looked up, not created: reading who a volume belongs to changes no scene
+    hierarchy = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene is not None else None
     if hierarchy is None:
         return None
     invalid = hierarchy.GetInvalidItemID()

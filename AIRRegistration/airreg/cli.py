@@ -120,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
 
+    p = sub.add_parser(
+        "train-patient-check",
+        help="train a model's patient check: does the TRUS belong to the MR's patient? (G and D unchanged)",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file from airreg train or refine-critic")
+    p.add_argument("--data", type=Path, required=True, help="the training data (same split is used)")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (with the patient check)")
+    p.add_argument("--steps", type=int, default=3000, help="updates of the patient check")
+    p.add_argument(
+        "--false-alarm",
+        type=float,
+        default=0.05,
+        help="share of same-patient registrations of the validation cases that the threshold flags",
+    )
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--check-every", type=int, default=500, help="steps between validation AUROC checks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+
     p = sub.add_parser("register", help="register a TRUS volume (moving) to an MR volume (fixed)")
     _pair_arguments(p)
     p.add_argument(
@@ -265,6 +285,29 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_patient_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from .patient_check import train_patient_check
+
+    check_writable(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = train_patient_check(
+        args.model,
+        args.data,
+        args.out,
+        args.steps,
+        false_alarm=args.false_alarm,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        check_every=args.check_every,
+        device=args.device,
+    )
+    print(f"model with the patient check written to {path}")
+    return 0
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from .data import read_image
     from .geometry import read_transform, write_matrix_text, write_transform
@@ -379,6 +422,7 @@ COMMANDS = {
     "register": _cmd_register,
     "score": _cmd_score,
     "refine-critic": _cmd_refine_critic,
+    "train-patient-check": _cmd_train_patient_check,
     "evaluate": _cmd_evaluate,
     "demo": _cmd_demo,
     "benchmark": _cmd_benchmark,

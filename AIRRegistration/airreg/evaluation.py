@@ -143,6 +143,8 @@ def evaluate_cases(
                 "est_tre_after": full.estimated_tre_mm,
                 "flag_before": full.before.quality == "warning",
                 "flag_after": full.quality == "warning",
+                "same_patient_after": full.after.same_patient_score,
+                "patient_flag_after": full.after.patient_flagged,
                 "seconds_one_pass": one.seconds,
                 "seconds": full.seconds,
             }
@@ -153,15 +155,22 @@ def evaluate_cases(
 def gross_failures(cases: Sequence[data.Case], registrar: Registrar, progress: bool = True) -> dict:
     """How often the warning fires on registrations that cannot be right: inputs swapped (TRUS given as MR) and
     another patient's TRUS (the next case's), each registered from aligned volume centres. A clear input error
-    (e.g. no overlap) counts as caught too; returns ``{kind: {"warned", "errors", "cases"}}``."""
-    counts = {kind: {"warned": 0, "errors": 0, "cases": len(cases)} for kind in ("swapped", "other_patient")}
+    (e.g. no overlap) counts as caught too; returns ``{kind: {"warned", "patient_check", "errors", "cases"}}``,
+    ``patient_check`` counting the registrations the model's patient check flagged."""
+    counts = {
+        kind: {"warned": 0, "patient_check": 0, "errors": 0, "cases": len(cases)}
+        for kind in ("swapped", "other_patient")
+    }
     for i, case in enumerate(tqdm(cases, desc="gross failures", disable=not progress, unit="case")):
         other = cases[(i + 1) % len(cases)]
         for kind, (mr, trus) in (("swapped", (case.trus, case.mr)), ("other_patient", (case.mr, other.trus))):
             try:
-                counts[kind]["warned"] += registrar.register(mr, trus).quality == "warning"
+                verdict = registrar.register(mr, trus).after
             except AirRegError:
                 counts[kind]["errors"] += 1
+                continue
+            counts[kind]["warned"] += verdict.quality == "warning"
+            counts[kind]["patient_check"] += verdict.patient_flagged
     return counts
 
 
@@ -174,6 +183,7 @@ def summarize(rows: Sequence[dict], tolerance_mm: float) -> dict:
     flags = np.concatenate([col["flag_before"], col["flag_after"]]).astype(bool)
     failing = tre_all > tolerance_mm
     paired = stats.wilcoxon(col["tre_before"], col["tre_after"]) if len(rows) > 1 else None
+    checked = np.isfinite(col["same_patient_after"]).all()
     return {
         "cases": len(rows),
         "tolerance_mm": tolerance_mm,
@@ -189,6 +199,7 @@ def summarize(rows: Sequence[dict], tolerance_mm: float) -> dict:
         "auroc_flag_tre_above_tolerance": auroc(p_all, failing),
         "flag_sensitivity": float(flags[failing].mean()) if failing.any() else None,
         "flag_specificity": float((~flags[~failing]).mean()) if (~failing).any() else None,
+        "patient_check_false_alarms": float(col["patient_flag_after"].mean()) if checked else None,
         "median_seconds_one_pass": float(np.median(col["seconds_one_pass"])),
         "median_seconds": float(np.median(col["seconds"])),
     }
@@ -224,11 +235,17 @@ def markdown(summary: dict, title: str) -> str:
         f"- AUROC of the quality flag for TRE > {summary['tolerance_mm']:g} mm: {summary['auroc_flag_tre_above_tolerance']:.3f}",
         f"- median seconds per pair: one pass {summary['median_seconds_one_pass']:.3f}, iterative {summary['median_seconds']:.3f}",
     ]
+    if summary["patient_check_false_alarms"] is not None:
+        lines.append(
+            f"- patient check: another patient flagged on {summary['patient_check_false_alarms']:.0%} of the "
+            "registrations above (all of the same patient)"
+        )
     for kind, label in (("swapped", "inputs swapped"), ("other_patient", "another patient's TRUS")):
         g = summary.get("gross_failures", {}).get(kind)
         if g:
             lines.append(
-                f"- gross failure, {label}: warning on {g['warned']} of {g['cases']}, input error on {g['errors']}"
+                f"- gross failure, {label}: warning on {g['warned']} of {g['cases']} (patient check: "
+                f"{g['patient_check']}), input error on {g['errors']}"
             )
     return "\n".join(lines) + "\n"
 

@@ -164,3 +164,21 @@ def scatter(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, png)
+
+
+def patient_check_curves(history: Sequence[dict], png: Path) -> Path:
+    """Patient-check training: its loss per step, and the validation AUROC (same patient against another)."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot([row["step"] for row in history], [row["loss"] for row in history], lw=0.8)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("binary cross-entropy")
+    ax1.set_title("patient check")
+    checked = [row for row in history if "val_auroc" in row]
+    ax2.plot([row["step"] for row in checked], [row["val_auroc"] for row in checked], marker="o")
+    ax2.set_ylim(0.4, 1.0)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("AUROC, same patient vs another")
+    ax2.set_title("validation")
+    fig.tight_layout()
+    return _save(fig, png)

@@ -16,9 +16,11 @@ A pair is flagged ("warning") when ``p_failure >= 0.5``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .errors import ModelError
 
 DEFAULT_TOLERANCE_MM = 5.0
 
@@ -137,6 +139,59 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class PatientCheckCalibration:
+    """The threshold on P's logit (below it: warning) and what it did on the validation cases."""
+
+    threshold: float
+    false_alarm_rate: float
+    detection_rate: float
+    auroc: float
+    same_pairs: int
+    other_pairs: int
+
+    @classmethod
+    def fit(cls, same: np.ndarray, other: np.ndarray, false_alarm: float) -> PatientCheckCalibration:
+        """The threshold that flags a share ``false_alarm`` of the same-patient logits ``same``, and how many of
+        the other-patient logits ``other`` it flags."""
+        same, other = np.asarray(same, dtype=float), np.asarray(other, dtype=float)
+        threshold = float(np.quantile(same, false_alarm))
+        ties = (same[:, None] == other[None]).mean()
+        return cls(
+            threshold=threshold,
+            false_alarm_rate=float((same < threshold).mean()),
+            detection_rate=float((other < threshold).mean()),
+            auroc=float((same[:, None] > other[None]).mean() + 0.5 * ties),
+            same_pairs=len(same),
+            other_pairs=len(other),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PatientCheckCalibration:
+        rates = ("threshold", "false_alarm_rate", "detection_rate", "auroc")
+        try:
+            counts = {k: int(values[k]) for k in ("same_pairs", "other_pairs")}
+            return cls(**{k: float(values[k]) for k in rates}, **counts)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"patient-check calibration is incomplete or invalid ({exc})") from exc
+
+    @property
+    def threshold_score(self) -> float:
+        """The threshold as a same-patient score (the sigmoid of the logit)."""
+        return same_patient_score(self.threshold)
+
+    def flags(self, logit: float) -> bool:
+        return logit < self.threshold
+
+
+def same_patient_score(logit: float) -> float:
+    """P's logit as a score in [0, 1]: about 0.5 where, on training pairs, both answers were equally likely."""
+    return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+@dataclass(frozen=True)
 class QualityResult:
     """The quality verdict on one alignment."""
 
@@ -146,6 +201,8 @@ class QualityResult:
     p_failure: float
     tolerance_mm: float
     warning: str | None
+    same_patient_score: float | None = None  # the patient check's score, if the model has one
+    patient_flagged: bool = False  # the patient check says another patient (whichever warning is shown)
 
     @property
     def quality(self) -> str:
@@ -158,11 +215,16 @@ def assess(
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     overlap: float = 1.0,
     input_warning: str | None = None,
+    patient_logit: float | None = None,
+    patient_check: PatientCheckCalibration | None = None,
 ) -> QualityResult:
     """Quality verdict from a critic value; ``overlap`` is the fraction of the grid the TRUS covers;
-    ``input_warning`` (e.g. the images belong to different patients) overrides the rest."""
+    ``input_warning`` (e.g. the images belong to different patients) overrides the rest; ``patient_logit`` is
+    the patient check's value (with its ``patient_check`` calibration), judged after the alignment."""
     tre = calibration.expected_tre_mm(critic)
     p_fail = calibration.p_failure(critic, tolerance_mm)
+    same = None if patient_logit is None else same_patient_score(patient_logit)
+    flagged = same is not None and patient_check is not None and patient_check.flags(patient_logit)
     warning = None
     if input_warning:
         warning = f"{input_warning}: check the inputs"
@@ -173,4 +235,11 @@ def assess(
             f"alignment looks poor: estimated error {tre:.1f} mm, P(error > {tolerance_mm:g} mm) = {p_fail:.2f}; "
             "review it before use"
         )
-    return QualityResult(critic, calibration.d_score(critic), tre, p_fail, tolerance_mm, warning)
+    elif flagged:
+        warning = (
+            f"the TRUS may belong to another patient (same-patient score {same:.2f}, below "
+            f"{patient_check.threshold_score:.2f}): check the inputs"
+        )
+    return QualityResult(
+        critic, calibration.d_score(critic), tre, p_fail, tolerance_mm, warning, same, flagged
+    )

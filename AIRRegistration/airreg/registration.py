@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from . import checkpoint as ckpt
-from . import data, preprocessing, resampling, scoring
+from . import data, patient_check, preprocessing, resampling, scoring
 from .config import ModelConfig
 from .distributed import select_device
 from .errors import InputError, ModelError
@@ -96,6 +96,7 @@ class RegistrationResult:
             "tolerance_mm": self.after.tolerance_mm,
             "quality": self.quality,
             "warning": self.warning,
+            "same_patient_score": self.after.same_patient_score,
             "transform_file": transform_file,
             "transform_convention": "ITK resampling transform, LPS mm, maps MR (fixed) points to TRUS (moving) points",
             "mr_to_trus_lps": self.mr_to_trus.tolist(),
@@ -148,6 +149,10 @@ class Registrar:
             ) from exc
         self.g.to(self.device).eval()
         self.d.to(self.device).eval()
+        loaded = patient_check.load_network(state, self.config, where)
+        self.patient_net, self.patient_check = (None, None) if loaded is None else loaded
+        if self.patient_net is not None:
+            self.patient_net.to(self.device)
         self.iterations, self.tolerance_mm = iterations, tolerance_mm
         self.model_id = Path(where).name
         self.model_sha256 = state.get("sha256", "")
@@ -194,8 +199,29 @@ class Registrar:
         )
         return stats[name].cpu().numpy(), coverage.cpu().numpy()
 
-    def _verdict(self, critic: float, coverage: float, input_warning: str | None = None) -> QualityResult:
-        return assess(critic, self.calibration, self.tolerance_mm, coverage, input_warning)
+    @torch.no_grad()
+    def _patient_logit(self, pair: preprocessing.PreparedPair, transform: torch.Tensor) -> float | None:
+        """The patient check's value for one (1, 4, 4) frame transform; None if the model has no check."""
+        if self.patient_net is None:
+            return None
+        return float(self.patient_net(pair.mr[None], self._sample(pair, transform)).flatten()[0])
+
+    def _verdict(
+        self,
+        critic: float,
+        coverage: float,
+        input_warning: str | None = None,
+        patient_logit: float | None = None,
+    ) -> QualityResult:
+        return assess(
+            critic,
+            self.calibration,
+            self.tolerance_mm,
+            coverage,
+            input_warning,
+            patient_logit,
+            self.patient_check,
+        )
 
     @torch.no_grad()
     def register(
@@ -240,13 +266,14 @@ class Registrar:
         for step, c in zip(steps, critic[1:], strict=False):
             step["d_score"] = self._verdict(float(c), 1.0).d_score
         mismatch = data.patient_mismatch(mr, trus)
+        patient_logit = self._patient_logit(pair, candidates[best])
         t3 = time.perf_counter()
         transform_in_frame = candidates[best][0].double().cpu().numpy()
         result = RegistrationResult(
             mr_to_trus=preprocessing.frame_transform_to_world(pair, transform_in_frame),
             initial=start,
             before=self._verdict(float(critic[0]), float(coverage[0]), mismatch),
-            after=self._verdict(float(critic[best]), float(coverage[best]), mismatch),
+            after=self._verdict(float(critic[best]), float(coverage[best]), mismatch, patient_logit),
             steps=steps,
             timings={"resampling": t1 - t0, "generator": t2 - t1, "discriminator": t3 - t2, "total": t3 - t0},
             model=self.model_id,
@@ -270,7 +297,8 @@ class Registrar:
         eye = torch.eye(4, device=self.device)[None]
         critic, coverage = self._critic(pair, eye)
         trus_stack = self._sample(pair, eye)[0]
-        verdict = self._verdict(float(critic[0]), float(coverage[0]), data.patient_mismatch(mr, trus))
+        mismatch, patient_logit = data.patient_mismatch(mr, trus), self._patient_logit(pair, eye)
+        verdict = self._verdict(float(critic[0]), float(coverage[0]), mismatch, patient_logit)
         return pair.mr.cpu().numpy(), trus_stack.cpu().numpy(), verdict
 
 

@@ -248,6 +248,7 @@ def test_register_using_parameter_node(
     assert p.dScoreBefore == f"{result.d_score_before:.3f}"
     assert p.dScoreAfter == f"{result.d_score:.3f}"
     assert p.estimatedErrorMm == f"{result.estimated_tre_mm:.1f} mm"
+    assert p.samePatient == logic.samePatientText(result.after) and p.samePatient
     assert p.quality == result.quality and p.quality in ("ok", "warning")
     assert p.statusText == logic.statusText(result.quality, result.warning)
 
@@ -370,3 +371,14 @@ def test_registration_of_volumes_filed_under_two_patients_warns(
 
     assert quality.quality == "warning"
     assert "different patients ('Patient 1' and 'Patient 2')" in quality.warning
+
+
+def test_same_patient_field_shows_the_check_or_why_there_is_none(logic: Any) -> None:
+    from airreg.quality import QualityResult
+
+    def verdict(score, flagged=False):
+        return QualityResult(0.0, 0.5, 2.0, 0.1, 5.0, None, score, flagged)
+
+    assert logic.samePatientText(verdict(None)) == "not checked (the model has no patient check)"
+    assert logic.samePatientText(verdict(0.834)) == "0.83"
+    assert logic.samePatientText(verdict(0.07, flagged=True)) == "0.07 (another patient?)"
