@@ -237,3 +237,19 @@ def test_bundled_models_record_how_their_critic_was_refined(name, dof, other_pat
         == len(calibration["tre_mm"])
         == 40 * (24 * 2 + 3 + (other_patient == "registered"))
     )
+
+
+@pytest.mark.parametrize("name", ["phantom-3dof", "phantom-6dof"])
+def test_bundled_models_carry_a_patient_check_for_their_own_generator(name):
+    from airreg.quality import PatientCheckCalibration
+
+    path = checkpoint.resolve(name)
+    if not path.exists():
+        pytest.skip(f"bundled model {path.name} is not installed")
+    state = checkpoint.load(path)
+    check = PatientCheckCalibration.from_dict(state["patient_check_calibration"])
+    assert check.false_alarm_rate == pytest.approx(0.05, abs=0.01) and check.detection_rate > 0.5
+    assert check.same_pairs == 8 * 32  # the calibration draws of the validation cases
+    info = state["metadata"]["patient_check"]
+    assert info["false_alarm"] == 0.05 and info["steps"] == 3000 and len(info["from_model_sha256"]) == 64
+    assert Registrar(state, "cpu").patient_check == check

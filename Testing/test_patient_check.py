@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -173,3 +174,16 @@ def test_evaluation_reports_the_checks_false_alarms_and_catches(checked_model, t
     assert all(
         0.0 <= float(r["same_patient_after"]) <= 1.0 and r["patient_flag_after"] == "True" for r in rows
     )
+
+
+def test_cli_register_and_score_print_the_same_patient_score(checked_model, tiny_dataset, tmp_path, capsys):
+    case = tiny_dataset / "case000"
+    model = ["--model", str(checked_model)]
+    pair = ["--mr", str(case / "mr.nii.gz"), "--trus", str(case / "trus.nii.gz"), *model]
+    report = tmp_path / "report.json"
+    args = ["register", *pair, "--out-transform", str(tmp_path / "t.tfm"), "--report", str(report)]
+    assert main([*args, "--device", "cpu"]) == 0
+    score = json.loads(report.read_text())["same_patient_score"]
+    assert f"same-patient score {score:.2f}; quality:" in capsys.readouterr().out
+    assert main(["score", *pair, "--transform", str(tmp_path / "t.tfm"), "--device", "cpu"]) == 0
+    assert "same-patient score" in capsys.readouterr().out

@@ -359,7 +359,9 @@ def _is_bundled(model: Path | None) -> bool:
 
 
 def _print_verdict(verdict, head: str) -> None:
-    print(f"{head}; estimated error {verdict.estimated_tre_mm:.1f} mm; quality: {verdict.quality}")
+    score = verdict.same_patient_score
+    same = "" if score is None else f"; same-patient score {score:.2f}"
+    print(f"{head}; estimated error {verdict.estimated_tre_mm:.1f} mm{same}; quality: {verdict.quality}")
     if verdict.warning:
         print(f"WARNING: {verdict.warning}")
 

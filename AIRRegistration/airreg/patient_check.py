@@ -10,7 +10,8 @@ Its threshold is set on the validation cases of the same split so that a chosen 
 registrations (``false_alarm``, default 5 %) is flagged; the detection rate measured there is stored with it
 in the model file (``patient_check`` and ``patient_check_calibration``). At inference P runs once, on the
 result, and a score below the threshold is a warning. Where the patients' identities are known (DICOM,
-Slicer's subject hierarchy) they are checked directly instead (:func:`airreg.data.patient_mismatch`).
+Slicer's subject hierarchy) they are compared too (:func:`airreg.data.patient_mismatch`), and a mismatch is
+reported first.
 """
 
 from __future__ import annotations
