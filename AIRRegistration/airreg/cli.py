@@ -258,15 +258,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_refine_critic(args: argparse.Namespace) -> int:
-    import torch
+def _use_threads(threads: int) -> None:
+    """Set torch's CPU threads when asked (0 keeps torch's default); torch is imported only when a command runs."""
+    if threads:
+        import torch
 
+        torch.set_num_threads(threads)
+
+
+def _cmd_refine_critic(args: argparse.Namespace) -> int:
     from .config import CriticConstraint, CriticObjective, OtherPatientPairs
     from .training import refine_critic
 
     check_writable(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _use_threads(args.threads)
     path = refine_critic(
         args.model,
         args.data,
@@ -286,13 +291,10 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_patient_check(args: argparse.Namespace) -> int:
-    import torch
-
     from .patient_check import train_patient_check
 
     check_writable(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _use_threads(args.threads)
     path = train_patient_check(
         args.model,
         args.data,

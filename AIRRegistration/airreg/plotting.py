@@ -82,14 +82,19 @@ def critic_curves(history: Sequence[dict], png: Path) -> Path:
     ax1.set_xlabel("critic step")
     ax1.set_title("critic refinement")
     ax1.legend(fontsize=8)
-    checked = [row for row in history if "val_auroc" in row]
-    ax2.plot([row["step"] for row in checked], [row["val_auroc"] for row in checked], marker="o")
-    ax2.set_ylim(0.4, 1.0)
-    ax2.set_xlabel("critic step")
-    ax2.set_ylabel("AUROC, TRE > 5 mm")
-    ax2.set_title("validation: quality flag")
+    _validation_auroc(ax2, history, "critic step", "AUROC, TRE > 5 mm", "validation: quality flag")
     fig.tight_layout()
     return _save(fig, png)
+
+
+def _validation_auroc(ax, history: Sequence[dict], xlabel: str, ylabel: str, title: str) -> None:
+    """The validation AUROC of the rows that have one, against the step."""
+    checked = [row for row in history if "val_auroc" in row]
+    ax.plot([row["step"] for row in checked], [row["val_auroc"] for row in checked], marker="o")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def fusion_panels(
@@ -174,11 +179,6 @@ def patient_check_curves(history: Sequence[dict], png: Path) -> Path:
     ax1.set_xlabel("step")
     ax1.set_ylabel("binary cross-entropy")
     ax1.set_title("patient check")
-    checked = [row for row in history if "val_auroc" in row]
-    ax2.plot([row["step"] for row in checked], [row["val_auroc"] for row in checked], marker="o")
-    ax2.set_ylim(0.4, 1.0)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("AUROC, same patient vs another")
-    ax2.set_title("validation")
+    _validation_auroc(ax2, history, "step", "AUROC, same patient vs another", "validation")
     fig.tight_layout()
     return _save(fig, png)
