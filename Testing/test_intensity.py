@@ -69,6 +69,16 @@ def test_output_is_in_unit_range_and_monotonic(array: np.ndarray, low: float, hi
     assert np.all(np.diff(out.ravel()[order]) >= 0)
 
 
+def test_a_range_near_the_smallest_floats_is_scaled_without_nan() -> None:
+    """Found by hypothesis: values of 1e-187 underflow to 0 in float32 while the scale overflows to inf."""
+    array = np.full((4, 5, 6), 4.16941524e-187)
+    array[0, 0, :3] = (1e-187, 2e-187, 8e-187)
+    out = normalize(array, 0.0, 60.0)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    expected = (array - 1e-187) / (np.percentile(array, 60.0) - 1e-187)
+    np.testing.assert_allclose(out, np.clip(expected, 0.0, 1.0), rtol=1e-6)
+
+
 def test_mostly_uniform_image_falls_back_to_min_max() -> None:
     array = np.full((10, 10, 10), 7.0)
     array[0, 0, 0] = 9.0

@@ -21,6 +21,8 @@ import numpy as np
 from .errors import InputError, ModelError
 
 MODALITIES = ("mr", "trus")
+#: Above this scale (an intensity range below 1e-30) float32 arithmetic would underflow or overflow.
+_FLOAT32_SAFE_SCALE = 1e30
 
 
 def normalize(
@@ -53,9 +55,12 @@ def normalize(
         low, high = sample.min(), sample.max()
     if high <= low:
         raise InputError(f"{what}: is constant (every sampled voxel is {float(low):g}); cannot normalise")
+    scale = 1.0 / (float(high) - float(low))
+    if scale > _FLOAT32_SAFE_SCALE:  # an intensity range near float32's smallest numbers: scale in float64
+        return np.clip((values - low) * scale, 0.0, 1.0).astype(np.float32)
     scaled = values.astype(np.float32)  # in float32 throughout: 10x faster than float64, within 1e-7
     scaled -= np.float32(low)
-    scaled *= np.float32(1.0 / (high - low))
+    scaled *= np.float32(scale)
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
