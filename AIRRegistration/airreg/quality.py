@@ -11,7 +11,9 @@ In what follows "critic" means that statistic. From the pairs:
 * the displayed D-score — ``sigmoid((critic - mid) / scale)``, with ``mid`` and ``scale`` the median and spread
   of the calibration critic values: a number in (0, 1), higher meaning better aligned.
 
-A pair is flagged ("warning") when ``p_failure >= 0.5``.
+A pair is flagged ("warning") when ``p_failure >= 0.5``; also when a model's patient check (see
+:mod:`airreg.patient_check`) scores the result below its threshold, whose calibration
+(:class:`PatientCheckCalibration`) lives here too.
 """
 
 from __future__ import annotations

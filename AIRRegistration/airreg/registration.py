@@ -3,7 +3,8 @@
 
 ``Registrar.register`` starts from an initial MR->TRUS transform (default: volume centres aligned), runs G, and
 optionally iterates — G again from its own result, D judging every step, the best-scored step kept (the paper's
-"use both networks iteratively"). The quality verdict comes from the calibrated critic (:mod:`airreg.quality`).
+"use both networks iteratively"). The quality verdict comes from the calibrated critic (:mod:`airreg.quality`),
+the patients' identities where the images carry them, and the model's patient check, if it has one.
 """
 
 from __future__ import annotations
