@@ -94,10 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "refine-critic",
         help="train D alone against a trained model's frozen G, then recalibrate (a sharper D-score)",
     )
-    p.add_argument("--model", type=Path, required=True, help="model file from airreg train")
-    p.add_argument("--data", type=Path, required=True, help="the training data (same split is used)")
-    p.add_argument("--out", type=Path, required=True, help="model file to write (G unchanged, new D)")
-    p.add_argument("--steps", type=int, default=3000, help="critic updates")
+    _frozen_generator_arguments(
+        p, "model file from airreg train", "model file to write (G unchanged, new D)", "critic updates"
+    )
     p.add_argument(
         "--objective",
         choices=("rank", "wgan"),
@@ -113,32 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="as-given",
         help="how --objective rank shows another patient's TRUS: as given, or also after G registered it",
     )
-    p.add_argument("--lr", type=float, default=1e-4, help="critic learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fresh", action="store_true", help="start from new critic weights, not the model's D")
-    p.add_argument("--check-every", type=int, default=500, help="steps between validation AUROC checks")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
 
     p = sub.add_parser(
         "train-patient-check",
         help="train a model's patient check: does the TRUS belong to the MR's patient? (G and D unchanged)",
     )
-    p.add_argument("--model", type=Path, required=True, help="model file from airreg train or refine-critic")
-    p.add_argument("--data", type=Path, required=True, help="the training data (same split is used)")
-    p.add_argument("--out", type=Path, required=True, help="model file to write (with the patient check)")
-    p.add_argument("--steps", type=int, default=3000, help="updates of the patient check")
+    _frozen_generator_arguments(
+        p,
+        "model file from airreg train or refine-critic",
+        "model file to write (with the patient check)",
+        "updates of the patient check",
+    )
     p.add_argument(
         "--false-alarm",
         type=float,
         default=0.05,
         help="share of same-patient registrations of the validation cases that the threshold flags",
     )
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--check-every", type=int, default=500, help="steps between validation AUROC checks")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
 
     p = sub.add_parser("register", help="register a TRUS volume (moving) to an MR volume (fixed)")
     _pair_arguments(p)
@@ -189,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (for AIR-net)")
     p.add_argument("--no-elastix", action="store_true", help="skip elastix even if itk-elastix is installed")
     return parser
+
+
+def _frozen_generator_arguments(
+    p: argparse.ArgumentParser, model_help: str, out_help: str, steps_help: str
+) -> None:
+    """The options of the commands that train a network judging a trained model's frozen G."""
+    p.add_argument("--model", type=Path, required=True, help=model_help)
+    p.add_argument("--data", type=Path, required=True, help="the training data (same split is used)")
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--steps", type=int, default=3000, help=steps_help)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--check-every", type=int, default=500, help="steps between validation AUROC checks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
 
 
 def _model_argument(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig
 from .errors import InputError, ModelError
 from .networks import Discriminator
 from .quality import PatientCheckCalibration
-from .training import Batch, CaseCache, Trainer, split_caches, trainer_from_state, write_history_csv
+from .training import Batch, CaseCache, Trainer, frozen_generator_trainer, split_caches, write_history_csv
 
 #: Share of same-patient registrations the default threshold flags (on the validation cases).
 DEFAULT_FALSE_ALARM = 0.05
@@ -116,11 +114,9 @@ def train_patient_check(
         raise InputError(f"the false-alarm rate must be in (0, 0.5), got {false_alarm}")
     model = ckpt.resolve(model)
     state = ckpt.load(model)
-    cfg = replace(TrainConfig.from_dict(state["train_config"]), batch_size=batch_size)
-    ctx = distributed.DistContext(0, 1, distributed.select_device(device))
-    trainer = trainer_from_state(state, ctx, cfg)
-    trainer.g.requires_grad_(False)
+    trainer = frozen_generator_trainer(state, device, batch_size=batch_size)
     trainer.g.eval()
+    cfg, ctx = trainer.cfg, trainer.ctx
     out.parent.mkdir(parents=True, exist_ok=True)
     train_cache, val_cache = split_caches(Path(data_root), out.parent, trainer, progress)
     if len(val_cache) < 2:

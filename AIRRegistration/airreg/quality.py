@@ -157,12 +157,12 @@ class PatientCheckCalibration:
         the other-patient logits ``other`` it flags."""
         same, other = np.asarray(same, dtype=float), np.asarray(other, dtype=float)
         threshold = float(np.quantile(same, false_alarm))
-        ties = (same[:, None] == other[None]).mean()
+        is_same = np.r_[np.ones(len(same), bool), np.zeros(len(other), bool)]
         return cls(
             threshold=threshold,
             false_alarm_rate=float((same < threshold).mean()),
             detection_rate=float((other < threshold).mean()),
-            auroc=float((same[:, None] > other[None]).mean() + 0.5 * ties),
+            auroc=auroc(np.concatenate([same, other]), is_same),
             same_pairs=len(same),
             other_pairs=len(other),
         )

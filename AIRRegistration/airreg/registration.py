@@ -184,11 +184,12 @@ class Registrar:
     @torch.no_grad()
     def _critic(
         self, pair: preprocessing.PreparedPair, transforms: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The calibrated statistic of D (see scoring.py) and the TRUS coverage of the grid for (B, 4, 4)
-        frame transforms."""
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """The calibrated statistic of D (see scoring.py), the TRUS coverage of the grid and the TRUS stacks
+        (B, S, H, W) for (B, 4, 4) frame transforms."""
         b = transforms.shape[0]
-        coverage = (self._sample(pair, transforms) > 0).float().mean(dim=(1, 2, 3))
+        stacks = self._sample(pair, transforms)
+        coverage = (stacks > 0).float().mean(dim=(1, 2, 3))
         volume = pair.trus_cache[None, None].expand(b, 1, *pair.trus_cache.shape)
         from_cache = torch.as_tensor(
             preprocessing.cache_to_index(self.config.grid, self.config.dof), device=self.device
@@ -198,14 +199,14 @@ class Registrar:
         stats = scoring.judge(
             self.d, mr, volume, from_cache, transforms, self.config.grid, self.config.dof, (name,)
         )
-        return stats[name].cpu().numpy(), coverage.cpu().numpy()
+        return stats[name].cpu().numpy(), coverage.cpu().numpy(), stacks
 
     @torch.no_grad()
-    def _patient_logit(self, pair: preprocessing.PreparedPair, transform: torch.Tensor) -> float | None:
-        """The patient check's value for one (1, 4, 4) frame transform; None if the model has no check."""
+    def _patient_logit(self, pair: preprocessing.PreparedPair, trus_stack: torch.Tensor) -> float | None:
+        """The patient check's value for one (S, H, W) TRUS stack on the grid; None if the model has no check."""
         if self.patient_net is None:
             return None
-        return float(self.patient_net(pair.mr[None], self._sample(pair, transform)).flatten()[0])
+        return float(self.patient_net(pair.mr[None], trus_stack[None]).flatten()[0])
 
     def _verdict(
         self,
@@ -261,13 +262,13 @@ class Registrar:
                 break
         t2 = time.perf_counter()
         report(0.92, "scoring")
-        critic, coverage = self._critic(pair, torch.cat(candidates))
+        critic, coverage, stacks = self._critic(pair, torch.cat(candidates))
         # step 0 is the start; the best-scored estimate is kept (a single pass keeps G's estimate)
         best = 1 + int(np.argmax(critic[1:])) if n_iter > 1 else 1
         for step, c in zip(steps, critic[1:], strict=False):
             step["d_score"] = self._verdict(float(c), 1.0).d_score
         mismatch = data.patient_mismatch(mr, trus)
-        patient_logit = self._patient_logit(pair, candidates[best])
+        patient_logit = self._patient_logit(pair, stacks[best])
         t3 = time.perf_counter()
         transform_in_frame = candidates[best][0].double().cpu().numpy()
         result = RegistrationResult(
@@ -296,9 +297,9 @@ class Registrar:
         """What the networks see for an alignment: MR and TRUS stacks (S, H, W) in [0, 1], and the verdict."""
         pair = self.prepare(mr, trus, transform)
         eye = torch.eye(4, device=self.device)[None]
-        critic, coverage = self._critic(pair, eye)
-        trus_stack = self._sample(pair, eye)[0]
-        mismatch, patient_logit = data.patient_mismatch(mr, trus), self._patient_logit(pair, eye)
+        critic, coverage, stacks = self._critic(pair, eye)
+        trus_stack = stacks[0]
+        mismatch, patient_logit = data.patient_mismatch(mr, trus), self._patient_logit(pair, trus_stack)
         verdict = self._verdict(float(critic[0]), float(coverage[0]), mismatch, patient_logit)
         return pair.mr.cpu().numpy(), trus_stack.cpu().numpy(), verdict
 

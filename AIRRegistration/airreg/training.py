@@ -731,6 +731,16 @@ def trainer_from_state(
     return trainer
 
 
+def frozen_generator_trainer(state: dict, device: str, load_critic: bool = True, **changes) -> Trainer:
+    """A one-process trainer with a checkpoint's networks and G frozen, for training what judges G's
+    registrations (the critic refinement, the patient check); ``changes`` replace training settings."""
+    cfg = replace(TrainConfig.from_dict(state["train_config"]), **changes)
+    ctx = distributed.DistContext(0, 1, distributed.select_device(device))
+    trainer = trainer_from_state(state, ctx, cfg, load_critic)
+    trainer.g.requires_grad_(False)
+    return trainer
+
+
 def recalibrate(
     model: Path, data_root: Path, out: Path, split: str = "val", device: str = "auto", progress: bool = True
 ) -> Path:
@@ -811,15 +821,10 @@ def refine_critic(
         raise InputError(f"critic refinement needs at least 1 step, got {steps}")
     model = ckpt.resolve(model)  # a bundled model's name works too
     state = ckpt.load(model)
-    cfg = replace(
-        TrainConfig.from_dict(state["train_config"]),
-        critic_constraint=constraint,
-        lr_d=lr_d,
-        batch_size=batch_size,
+    trainer = frozen_generator_trainer(
+        state, device, load_critic=not fresh, critic_constraint=constraint, lr_d=lr_d, batch_size=batch_size
     )
-    ctx = distributed.DistContext(0, 1, distributed.select_device(device))
-    trainer = trainer_from_state(state, ctx, cfg, load_critic=not fresh)
-    trainer.g.requires_grad_(False)
+    cfg = trainer.cfg
     update = trainer.critic_step
     if objective == CriticObjective.RANK:  # a ranking loss needs no Lipschitz constraint: Adam, no clipping
         trainer.opt_d = torch.optim.Adam(trainer.d.parameters(), lr=lr_d, betas=(0.5, 0.9))
