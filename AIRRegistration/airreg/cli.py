@@ -141,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ras-matrix", type=Path, help="also write Slicer's 4x4 RAS 'to parent' matrix as text")
     p.add_argument("--overlay", type=Path, help="PNG overlay before/after")
     p.add_argument("--iterations", type=int, default=3, help="generator passes; D keeps the best-scored step")
+    p.add_argument(
+        "--targets", type=Path, help="MR target points: CSV (label,x,y,z, frame declared) or Slicer .mrk.json"
+    )
+    p.add_argument(
+        "--out-targets", type=Path, help="the targets in TRUS space: .csv (LPS and RAS columns) or .mrk.json"
+    )
+    p.add_argument("--segmentation", type=Path, help="label map on the MR (.nrrd, .nii.gz ...)")
+    p.add_argument(
+        "--out-segmentation", type=Path, help="the label map on the TRUS grid (.nrrd, .nii, .nii.gz, .mha)"
+    )
 
     p = sub.add_parser("score", help="D-score and quality flag of a given alignment")
     _pair_arguments(p)
@@ -320,10 +330,12 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .data import read_image
     from .geometry import read_transform, write_matrix_text, write_transform
     from .registration import Registrar
+    from .targets import TargetFiles, warnings
 
     for output in (args.out_transform, args.ras_matrix, args.report, args.overlay):
         if output is not None:
             check_writable(output)
+    target_files = TargetFiles.read(args.targets, args.out_targets, args.segmentation, args.out_segmentation)
     mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
     initial = read_transform(args.init) if args.init else None
     registrar = Registrar.from_checkpoint(args.model, args.device, args.iterations, args.tolerance)
@@ -331,8 +343,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
     write_transform(args.out_transform, result.mr_to_trus)
     if args.ras_matrix:
         write_matrix_text(args.ras_matrix, result.mr_to_trus)
+    mapped = target_files.write(result.mr_to_trus, trus)
     if args.report:
-        write_text(args.report, json.dumps(result.report(str(args.out_transform)), indent=2))
+        write_text(args.report, json.dumps({**result.report(str(args.out_transform)), **mapped}, indent=2))
     if args.overlay:
         from .evaluation import overlay_png
 
@@ -340,6 +353,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
             registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
         )
     _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}")
+    for line in warnings(mapped):
+        print(f"WARNING: {line}")
     if _is_bundled(args.model):
         print(DISCLAIMER)
     return 0
