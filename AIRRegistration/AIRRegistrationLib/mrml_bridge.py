@@ -34,7 +34,7 @@ import SimpleITK as sitk
 import vtk
 from vtk.util import numpy_support
 
-from airreg import data, geometry
+from airreg import data, geometry, targets
 from airreg.errors import InputError
 from airreg.fileio import write_text
 
@@ -443,3 +443,227 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --- biopsy targets ------------------------------------------------------------------------------------
+#
+# MR targets (a point list, a segmentation or a label map on the MR) are read where Slicer shows them (world,
+# parent transforms composed in, like the MR image the core registers) and mapped with the MR->TRUS LPS
+# resampling matrix into the TRUS volume's *local* coordinates: the TRUS file's coordinates, in which biopsy
+# systems expect them. The new nodes are put under the TRUS volume's parent transform, so that they are shown
+# where the TRUS is shown (on the MR targets once the TRUS is under the registration result); their own
+# coordinates, which Slicer saves and the exports below write, are TRUS coordinates. Input nodes are never
+# modified.
+
+#: Slicer's control-point position status for a placed point (``vtkMRMLMarkupsNode::PositionDefined``).
+_POSITION_DEFINED = 2
+_BINARY_LABELMAP = "Binary labelmap"
+
+
+def targets_from_markups_node(markups_node, world: bool = True) -> targets.Targets:
+    """The control points of a point list as LPS targets: world positions (as Slicer shows them) or, with
+    ``world=False``, the node's own coordinates. Points not placed yet are refused, not skipped."""
+    if markups_node is None or not markups_node.IsA("vtkMRMLMarkupsNode"):
+        raise InputError("Select a markups point list of targets")
+    name = markups_node.GetName()
+    labels, points = [], []
+    for i in range(markups_node.GetNumberOfControlPoints()):
+        label = markups_node.GetNthControlPointLabel(i)
+        if markups_node.GetNthControlPointPositionStatus(i) != _POSITION_DEFINED:
+            raise InputError(f"point list '{name}': point {i + 1} ('{label}') is not placed")
+        position = [0.0, 0.0, 0.0]
+        if world:
+            markups_node.GetNthControlPointPositionWorld(i, position)
+        else:
+            markups_node.GetNthControlPointPosition(i, position)
+        labels.append(label)
+        points.append(targets.ras_to_lps(np.array(position)))
+    if not labels:
+        raise InputError(f"point list '{name}' has no points")
+    return targets.Targets(tuple(labels), np.array(points))
+
+
+def _follow_trus(node, trus_node) -> None:
+    """Put a new node under the TRUS volume's parent transform (shown where the TRUS is shown)."""
+    if trus_node is not None:
+        node.SetAndObserveTransformNodeID(trus_node.GetTransformNodeID())
+
+
+def map_markups_to_trus(markups_node, mr_to_trus_lps: np.ndarray, trus_node=None, name: str | None = None):
+    """New point list (in the markups node's scene) holding the MR targets in TRUS coordinates.
+
+    Labels and descriptions are copied; with ``trus_node`` the new list goes under its parent transform.
+    """
+    mr_targets = targets_from_markups_node(markups_node)
+    mapped = mr_targets.mapped(mr_to_trus_lps)
+    scene = markups_node.GetScene()
+    node = scene.AddNewNodeByClass(
+        "vtkMRMLMarkupsFiducialNode", name or scene.GenerateUniqueName(f"{markups_node.GetName()} (TRUS)")
+    )
+    for i, (label, point) in enumerate(zip(mapped.labels, mapped.points_ras, strict=True)):
+        index = node.AddControlPoint([float(v) for v in point], label)
+        node.SetNthControlPointDescription(index, markups_node.GetNthControlPointDescription(i))
+    node.CreateDefaultDisplayNodes()
+    _follow_trus(node, trus_node)
+    return node
+
+
+def _label_image(voxels: np.ndarray, ijk_to_ras: np.ndarray, what: str) -> sitk.Image:
+    """SimpleITK label image (LPS) from voxels (K, J, I) and the 4x4 RAS matrix mapping their indices (i, j, k)
+    to world (the first voxel at index 0); refuses degenerate or sheared geometry."""
+    ijk_to_lps = geometry.RAS_TO_LPS @ ijk_to_ras
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(ijk_to_lps)):
+        raise InputError(f"{what} has a degenerate voxel spacing")
+    direction = ijk_to_lps[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=_ORTHONORMAL_TOL):
+        raise InputError(f"{what}: its parent transform shears it; harden it or use a rigid transform")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in direction.ravel()])
+    image.SetOrigin([float(v) for v in ijk_to_lps[:3, 3]])
+    return image
+
+
+def _voxels(image_data) -> np.ndarray:
+    """A copy of a vtkImageData's single-component scalars as an array (K, J, I)."""
+    i0, i1, j0, j1, k0, k1 = image_data.GetExtent()
+    scalars = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
+    return np.array(scalars, copy=True).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+
+
+def label_image_from_labelmap_node(node, include_parent: bool = True) -> sitk.Image:
+    """A copy of a label-map volume node as a SimpleITK label image (LPS), parent transforms composed in."""
+    what = f"label map '{node.GetName()}'" if node is not None else "label map"
+    if node is None or not node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"{what}: select a label map volume or a segmentation")
+    image_data = node.GetImageData()
+    if (
+        image_data is None
+        or image_data.GetNumberOfPoints() == 0
+        or image_data.GetNumberOfScalarComponents() != 1
+    ):
+        raise InputError(f"{what} is empty or has several components per voxel")
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = array_from_vtk_matrix(matrix)
+    if include_parent:
+        ijk_to_ras = parent_to_world_ras(node, what) @ ijk_to_ras
+    return _label_image(_voxels(image_data), ijk_to_ras, what)
+
+
+def _segment_images(segmentation_node) -> list[tuple[str, sitk.Image | None]]:
+    """Per segment (in order): its name and its binary label map in world LPS (None when it is empty)."""
+    name = segmentation_node.GetName()
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        raise InputError(f"segmentation '{name}' has no segments")
+    if not segmentation.ContainsRepresentation(_BINARY_LABELMAP):
+        raise InputError(
+            f"segmentation '{name}' has no binary label map; create one in the Segmentations module first"
+        )
+    parent = parent_to_world_ras(segmentation_node, f"segmentation '{name}'")
+    images = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        oriented = _oriented_image()
+        segment_name = segmentation.GetSegment(segment_id).GetName()
+        if not segmentation_node.GetBinaryLabelmapRepresentation(segment_id, oriented):
+            raise InputError(f"segmentation '{name}': segment '{segment_name}' has no binary label map")
+        extent = oriented.GetExtent()
+        if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+            images.append((segment_name, None))
+            continue
+        matrix = vtk.vtkMatrix4x4()
+        oriented.GetImageToWorldMatrix(matrix)
+        first_voxel = geometry.homogeneous(np.eye(3), [extent[0], extent[2], extent[4]])
+        ijk_to_ras = parent @ array_from_vtk_matrix(matrix) @ first_voxel
+        images.append(
+            (segment_name, _label_image(_voxels(oriented), ijk_to_ras, f"segment '{segment_name}'"))
+        )
+    return images
+
+
+def _oriented_image():
+    """A new vtkOrientedImageData (Slicer's segmentation core class; imported here, where it is needed)."""
+    from slicer import vtkOrientedImageData
+
+    return vtkOrientedImageData()
+
+
+def _new_labelmap_node(scene, image: sitk.Image, name: str, trus_node):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName(name))
+    update_volume_node_from_image(node, image)
+    node.CreateDefaultDisplayNodes()
+    _follow_trus(node, trus_node)
+    return node
+
+
+def map_segmentation_to_trus(source_node, mr_to_trus_lps: np.ndarray, trus_node, name: str | None = None):
+    """New label-map volume on the TRUS volume's grid holding a segmentation or label map of the MR.
+
+    Nearest neighbour, so label values are kept: a label-map node keeps its values (and its colour table);
+    segment i of a segmentation becomes label i + 1 (as Slicer's own export numbers them) and a later segment
+    wins where segments overlap. The new node is on the TRUS grid, under the TRUS volume's parent transform.
+    """
+    trus_grid = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
+    if source_node is not None and source_node.IsA("vtkMRMLSegmentationNode"):
+        voxels = np.zeros(sitk.GetArrayViewFromImage(trus_grid).shape, np.uint16)
+        for value, (_, image) in enumerate(_segment_images(source_node), start=1):
+            if image is not None:
+                mapped = targets.map_label_image(image, mr_to_trus_lps, trus_grid)
+                voxels[sitk.GetArrayViewFromImage(mapped) != 0] = value
+        on_trus = sitk.GetImageFromArray(voxels)
+        on_trus.CopyInformation(trus_grid)
+    else:
+        labels = label_image_from_labelmap_node(source_node)
+        on_trus = targets.map_label_image(labels, mr_to_trus_lps, trus_grid)
+    scene = trus_node.GetScene()
+    node = _new_labelmap_node(scene, on_trus, name or f"{source_node.GetName()} (TRUS)", trus_node)
+    source_display = source_node.GetDisplayNode() if source_node.IsA("vtkMRMLLabelMapVolumeNode") else None
+    if source_display is not None and source_display.GetColorNodeID():
+        node.GetDisplayNode().SetAndObserveColorNodeID(source_display.GetColorNodeID())
+    return node
+
+
+def export_targets(path: str | os.PathLike, markups_node, overwrite: bool = False) -> Path:
+    """Write a point list's own coordinates (TRUS coordinates for a list made by :func:`map_markups_to_trus`)
+    as CSV (LPS and RAS columns) or ``.mrk.json``."""
+    mapped = targets_from_markups_node(markups_node, world=False)
+    return targets.write_targets(
+        _check_target(path, overwrite), mapped, space="TRUS", name=markups_node.GetName()
+    )
+
+
+def export_labelmap(path: str | os.PathLike, labelmap_node, overwrite: bool = False) -> Path:
+    """Write a label-map volume on its own grid (the TRUS grid for one made by :func:`map_segmentation_to_trus`)
+    as NRRD or NIfTI, keeping its label values."""
+    image = label_image_from_labelmap_node(labelmap_node, include_parent=False)
+    return targets.write_label_image(_check_target(path, overwrite), image)
+
+
+def add_targets_to_report(
+    report: Mapping[str, Any],
+    targets_source=None,
+    targets_file: str | os.PathLike | None = None,
+    segmentation_source=None,
+    segmentation_file: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The report with the exported target files recorded under the keys ``airreg register --report`` uses:
+    the MR-side node's name (``file``), the file written, and what that file holds (count, label values)."""
+    out = dict(report)
+    if targets_file is not None:
+        written = targets.read_targets(targets_file, space="TRUS")
+        out["targets"] = {
+            "file": targets_source.GetName() if targets_source is not None else None,
+            "output_file": str(targets_file),
+            "count": len(written),
+        }
+    if segmentation_file is not None:
+        labels = targets.label_values(targets.read_label_image(segmentation_file))
+        out["segmentation"] = {
+            "file": segmentation_source.GetName() if segmentation_source is not None else None,
+            "output_file": str(segmentation_file),
+            "labels": labels,
+        }
+    return out
