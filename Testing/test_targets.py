@@ -390,3 +390,30 @@ def test_register_refuses_bad_targets_before_any_work(registered, tmp_path, caps
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]  # nothing written
+
+
+def test_targets_and_labels_outside_the_trus_volume_are_reported(case, tmp_path):
+    mr_targets, _ = landmark_targets(case)
+    far = mr_targets.points_lps[0] + [0.0, 0.0, 300.0]  # 30 cm up the body: no TRUS covers it
+    rows = [("lesion", mr_targets.points_lps[0]), ("far", far)]
+    lines = ["# frame=LPS", "label,x,y,z", *(",".join([n, *map(str, p.tolist())]) for n, p in rows)]
+    write(tmp_path / "t.csv", "\n".join(lines) + "\n")
+    labels = sphere_labels(case.mr, mr_targets.points_lps[0], 5.0, 1)
+    labels_array = sitk.GetArrayFromImage(labels)
+    labels_array[0, 0, 0] = 2  # a corner of the MR, outside the TRUS fan's box
+    corner = sitk.GetImageFromArray(labels_array)
+    corner.CopyInformation(labels)
+    sitk.WriteImage(corner, str(tmp_path / "s.nrrd"))
+    files = targets.TargetFiles.read(
+        tmp_path / "t.csv", tmp_path / "o.mrk.json", tmp_path / "s.nrrd", tmp_path / "o.nii.gz"
+    )
+    report = files.write(case.gt, case.trus)
+    assert report["targets"]["outside_trus_volume"] == ["far"]
+    assert report["segmentation"]["labels"] == [1, 2]
+    assert report["segmentation"]["labels_outside_trus_volume"] == [2]
+    assert targets.coverage_warnings(report) == [
+        "targets outside the TRUS volume: far",
+        "labels outside the TRUS volume: 2",
+    ]
+    assert targets.read_targets(tmp_path / "o.mrk.json", space="TRUS").labels == ("lesion", "far")
+    assert targets.label_values(sitk.ReadImage(str(tmp_path / "o.nii.gz"))) == [1]

@@ -330,7 +330,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .data import read_image
     from .geometry import read_transform, write_matrix_text, write_transform
     from .registration import Registrar
-    from .targets import TargetFiles, warnings
+    from .targets import TargetFiles, coverage_warnings
 
     for output in (args.out_transform, args.ras_matrix, args.report, args.overlay):
         if output is not None:
@@ -353,7 +353,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
             registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
         )
     _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}")
-    for line in warnings(mapped):
+    for line in coverage_warnings(mapped):
         print(f"WARNING: {line}")
     if _is_bundled(args.model):
         print(DISCLAIMER)

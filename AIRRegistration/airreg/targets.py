@@ -509,7 +509,7 @@ def segmentation_report(source, output, labels: sitk.Image, on_trus: sitk.Image)
     }
 
 
-def warnings(report: dict) -> list[str]:
+def coverage_warnings(report: dict) -> list[str]:
     """One line per target or label that the TRUS volume does not cover (from :meth:`TargetFiles.write`)."""
     lines = []
     outside_targets: Sequence[str] = report.get("targets", {}).get("outside_trus_volume", [])

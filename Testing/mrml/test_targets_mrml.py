@@ -245,6 +245,23 @@ def test_segmentation_mapped_with_the_ground_truth_is_centred_on_the_trus_landma
     np.testing.assert_allclose(written.GetDirection(), case.trus.GetDirection(), atol=1e-9)
 
 
+def test_slicers_seg_nrrd_is_read_as_a_label_map(scene, case, tmp_path):
+    """A segmentation saved by Slicer (``.seg.nrrd``, one layer, cropped to its segments) keeps its geometry."""
+    names, mr_points, trus_points = landmarks(case)
+    lesion = names.index("lesion_1")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MR segmentation")
+    labels = add_labelmap(scene, sphere_labels(case.mr, mr_points[[lesion]], 6.0, (1,)))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, segmentation)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "lesion.seg.nrrd"))
+    assert storage.WriteData(segmentation)
+    read = targets.read_label_image(tmp_path / "lesion.seg.nrrd")
+    assert read.GetSize() != case.mr.GetSize()  # cropped: its origin has to be right
+    on_trus = targets.map_label_image(read, case.gt, case.trus)
+    assert np.linalg.norm(centroid_lps(on_trus, 1) - trus_points[lesion]) < max(case.trus.GetSpacing())
+
+
 @pytest.mark.parametrize("kind", ["labelmap", "segmentation"])
 def test_inputs_under_a_transform_are_mapped_from_where_slicer_shows_them(scene, case, kind):
     names, mr_points, trus_points = landmarks(case)
