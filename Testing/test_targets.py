@@ -380,16 +380,26 @@ def test_register_refuses_bad_targets_before_any_work(registered, tmp_path, caps
             "line 1: columns x,y,z",
         ),
         "unpaired": (["--targets", str(folder / "targets.csv")], "--targets and --out-targets go together"),
+        "replaces an input": (
+            ["--segmentation", str(folder / "seg.nrrd"), "--out-segmentation", str(folder / "trus.nrrd")],
+            "trus.nrrd: is an input file",
+        ),
+        "replaces its input": (
+            ["--targets", str(folder / "targets.csv"), "--out-targets", str(folder / "targets.csv")],
+            "targets.csv: is an input file",
+        ),
         "bad output": (
             ["--segmentation", str(folder / "seg.nrrd"), "--out-segmentation", str(tmp_path / "s.png")],
             "unknown label-map file type",
         ),
     }
+    inputs = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     for extra, message in cases.values():
         assert main([*pair, "--out-transform", str(tmp_path / "t.tfm"), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]  # nothing written
+    assert {p: p.read_bytes() for p in folder.iterdir() if p.is_file()} == inputs  # no input replaced
 
 
 def test_targets_and_labels_outside_the_trus_volume_are_reported(case, tmp_path):

@@ -457,6 +457,8 @@ def _json_default(value: Any) -> Any:
 
 #: Slicer's control-point position status for a placed point (``vtkMRMLMarkupsNode::PositionDefined``).
 _POSITION_DEFINED = 2
+#: Attribute naming the space of the coordinates of a node made by this module ("TRUS").
+SPACE_ATTRIBUTE = "AIRRegistration.Space"
 _BINARY_LABELMAP = "Binary labelmap"
 
 
@@ -503,6 +505,7 @@ def map_markups_to_trus(markups_node, mr_to_trus_lps: np.ndarray, trus_node=None
     for i, (label, point) in enumerate(zip(mapped.labels, mapped.points_ras, strict=True)):
         index = node.AddControlPoint([float(v) for v in point], label)
         node.SetNthControlPointDescription(index, markups_node.GetNthControlPointDescription(i))
+    node.SetAttribute(SPACE_ATTRIBUTE, "TRUS")
     node.CreateDefaultDisplayNodes()
     _follow_trus(node, trus_node)
     return node
@@ -594,6 +597,7 @@ def _oriented_image():
 def _new_labelmap_node(scene, image: sitk.Image, name: str, trus_node):
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName(name))
     update_volume_node_from_image(node, image)
+    node.SetAttribute(SPACE_ATTRIBUTE, "TRUS")
     node.CreateDefaultDisplayNodes()
     _follow_trus(node, trus_node)
     return node
@@ -627,9 +631,11 @@ def map_segmentation_to_trus(source_node, mr_to_trus_lps: np.ndarray, trus_node,
 
 
 def export_targets(path: str | os.PathLike, markups_node, overwrite: bool = False) -> Path:
-    """Write a point list's own coordinates (TRUS coordinates for a list made by :func:`map_markups_to_trus`)
-    as CSV (LPS and RAS columns) or ``.mrk.json``."""
+    """Write the TRUS coordinates of a point list made by :func:`map_markups_to_trus` (its own coordinates)
+    as CSV (LPS and RAS columns) or ``.mrk.json``; other point lists are refused (their space is unknown)."""
     mapped = targets_from_markups_node(markups_node, world=False)
+    if markups_node.GetAttribute(SPACE_ATTRIBUTE) != "TRUS":
+        raise InputError(f"point list '{markups_node.GetName()}' is not in TRUS space; map it to TRUS first")
     return targets.write_targets(
         _check_target(path, overwrite), mapped, space="TRUS", name=markups_node.GetName()
     )

@@ -335,7 +335,13 @@ def _cmd_register(args: argparse.Namespace) -> int:
     for output in (args.out_transform, args.ras_matrix, args.report, args.overlay):
         if output is not None:
             check_writable(output)
-    target_files = TargetFiles.read(args.targets, args.out_targets, args.segmentation, args.out_segmentation)
+    target_files = TargetFiles.read(
+        args.targets,
+        args.out_targets,
+        args.segmentation,
+        args.out_segmentation,
+        (args.mr, args.trus, args.init),
+    )
     mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
     initial = read_transform(args.init) if args.init else None
     registrar = Registrar.from_checkpoint(args.model, args.device, args.iterations, args.tolerance)

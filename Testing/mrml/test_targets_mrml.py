@@ -174,6 +174,8 @@ def test_exports_are_read_by_slicer_and_by_airreg(scene, case, tmp_path):
     )
     with pytest.raises(FileExistsError):
         bridge.export_targets(csv_file, mapped)
+    with pytest.raises(InputError, match="'MR targets' is not in TRUS space"):
+        bridge.export_targets(tmp_path / "mr.csv", scene.GetFirstNodeByName("MR targets"))
     bridge.export_targets(csv_file, mapped, overwrite=True)
 
 
