@@ -603,15 +603,41 @@ def _new_labelmap_node(scene, image: sitk.Image, name: str, trus_node):
     return node
 
 
+def segment_labels(segmentation_node) -> dict[int, str]:
+    """Label value -> segment name, as :func:`map_segmentation_to_trus` numbers segments (in order, from 1)."""
+    segmentation = segmentation_node.GetSegmentation()
+    return {
+        i + 1: segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+        for i in range(segmentation.GetNumberOfSegments())
+    }
+
+
+def _segment_color_table(scene, segmentation_node):
+    """New colour table naming and colouring the labels of a mapped segmentation (value i + 1 = segment i)."""
+    segmentation = segmentation_node.GetSegmentation()
+    table = scene.AddNewNodeByClass(
+        "vtkMRMLColorTableNode", scene.GenerateUniqueName(f"{segmentation_node.GetName()} (TRUS) colours")
+    )
+    table.SetTypeToUser()
+    table.SetNumberOfColors(segmentation.GetNumberOfSegments() + 1)
+    table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+    for value, segment_name in segment_labels(segmentation_node).items():
+        red, green, blue = segmentation.GetSegment(segmentation.GetNthSegmentID(value - 1)).GetColor()
+        table.SetColor(value, segment_name, red, green, blue, 1.0)
+    return table
+
+
 def map_segmentation_to_trus(source_node, mr_to_trus_lps: np.ndarray, trus_node, name: str | None = None):
     """New label-map volume on the TRUS volume's grid holding a segmentation or label map of the MR.
 
     Nearest neighbour, so label values are kept: a label-map node keeps its values (and its colour table);
-    segment i of a segmentation becomes label i + 1 (as Slicer's own export numbers them) and a later segment
-    wins where segments overlap. The new node is on the TRUS grid, under the TRUS volume's parent transform.
+    segment i of a segmentation becomes label i + 1 (as Slicer's own export numbers them; a new colour table
+    names them) and a later segment wins where segments overlap. The new node is on the TRUS grid, under the
+    TRUS volume's parent transform.
     """
     trus_grid = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
-    if source_node is not None and source_node.IsA("vtkMRMLSegmentationNode"):
+    is_segmentation = source_node is not None and source_node.IsA("vtkMRMLSegmentationNode")
+    if is_segmentation:
         voxels = np.zeros(sitk.GetArrayViewFromImage(trus_grid).shape, np.uint16)
         for value, (_, image) in enumerate(_segment_images(source_node), start=1):
             if image is not None:
@@ -624,9 +650,13 @@ def map_segmentation_to_trus(source_node, mr_to_trus_lps: np.ndarray, trus_node,
         on_trus = targets.map_label_image(labels, mr_to_trus_lps, trus_grid)
     scene = trus_node.GetScene()
     node = _new_labelmap_node(scene, on_trus, name or f"{source_node.GetName()} (TRUS)", trus_node)
-    source_display = source_node.GetDisplayNode() if source_node.IsA("vtkMRMLLabelMapVolumeNode") else None
-    if source_display is not None and source_display.GetColorNodeID():
-        node.GetDisplayNode().SetAndObserveColorNodeID(source_display.GetColorNodeID())
+    if is_segmentation:
+        color_node_id = _segment_color_table(scene, source_node).GetID()
+    else:
+        source_display = source_node.GetDisplayNode()
+        color_node_id = source_display.GetColorNodeID() if source_display is not None else None
+    if color_node_id:
+        node.GetDisplayNode().SetAndObserveColorNodeID(color_node_id)
     return node
 
 
@@ -656,7 +686,8 @@ def add_targets_to_report(
     segmentation_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The report with the exported target files recorded under the keys ``airreg register --report`` uses:
-    the MR-side node's name (``file``), the file written, and what that file holds (count, label values)."""
+    the MR-side node's name (``file``), the file written, and what that file holds (count, label values, and
+    for a segmentation the segment name of each label)."""
     out = dict(report)
     if targets_file is not None:
         written = targets.read_targets(targets_file, space="TRUS")
@@ -672,4 +703,7 @@ def add_targets_to_report(
             "output_file": str(segmentation_file),
             "labels": labels,
         }
+        if segmentation_source is not None and segmentation_source.IsA("vtkMRMLSegmentationNode"):
+            names = segment_labels(segmentation_source)
+            out["segmentation"]["label_names"] = {str(v): names[v] for v in labels if v in names}
     return out

@@ -242,7 +242,14 @@ def test_segmentation_mapped_with_the_ground_truth_is_centred_on_the_trus_landma
     for value, pick in zip((1, 2), picks, strict=True):
         assert np.linalg.norm(centroid_lps(on_trus, value) - trus_points[pick]) < voxel
     assert segmentation.GetMTime() == mtime  # input untouched
-    written = sitk.ReadImage(str(bridge.export_labelmap(tmp_path / "seg_trus.nrrd", mapped)))
+    colours = scene.GetNodeByID(mapped.GetDisplayNode().GetColorNodeID())
+    segment_names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert [colours.GetColorName(v) for v in (1, 2)] == segment_names
+    assert bridge.segment_labels(segmentation) == dict(zip((1, 2), segment_names, strict=True))
+    exported = bridge.export_labelmap(tmp_path / "seg_trus.nrrd", mapped)
+    report = bridge.add_targets_to_report({}, segmentation_source=segmentation, segmentation_file=exported)
+    assert report["segmentation"]["label_names"] == {"1": segment_names[0], "2": segment_names[1]}
+    written = sitk.ReadImage(str(exported))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(on_trus))
     np.testing.assert_allclose(written.GetDirection(), case.trus.GetDirection(), atol=1e-9)
 
