@@ -412,6 +412,22 @@ def label_values(image: sitk.Image) -> list[int]:
     return [int(v) for v in values if v != 0]
 
 
+def label_names(image: sitk.Image) -> dict[int, str]:
+    """Label value -> segment name, from the header of a Slicer ``.seg.nrrd`` (empty for other label maps)."""
+    keys = set(image.GetMetaDataKeys())
+    names = {}
+    index = 0
+    while f"Segment{index}_Name" in keys:
+        value = (
+            image.GetMetaData(f"Segment{index}_LabelValue") if f"Segment{index}_LabelValue" in keys else ""
+        )
+        names[int(value) if value.strip().isdigit() else index + 1] = image.GetMetaData(
+            f"Segment{index}_Name"
+        )
+        index += 1
+    return names
+
+
 def check_label_output(path: str | os.PathLike) -> Path:
     """Fail early when ``path`` is not a writable label-map file name (.nrrd, .nii, .nii.gz, .mha)."""
     path = Path(path)
@@ -505,15 +521,20 @@ def targets_report(source, output, mapped: Targets, trus_grid: sitk.Image) -> di
 
 
 def segmentation_report(source, output, labels: sitk.Image, on_trus: sitk.Image) -> dict:
-    """Report entry of a mapped label map: the files, the labels, and the labels the TRUS grid lost."""
+    """Report entry of a mapped label map: the files, the labels (with their segment names when the file
+    has them), and the labels the TRUS grid lost."""
     kept = set(label_values(on_trus))
     values = label_values(labels)
-    return {
+    entry = {
         "file": str(source) if source is not None else None,
         "output_file": str(output),
         "labels": values,
         "labels_outside_trus_volume": [v for v in values if v not in kept],
     }
+    names = label_names(labels)
+    if names:
+        entry["label_names"] = {str(v): names[v] for v in values if v in names}
+    return entry
 
 
 def coverage_warnings(report: dict) -> list[str]:

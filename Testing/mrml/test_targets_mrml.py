@@ -269,6 +269,10 @@ def test_slicers_seg_nrrd_is_read_as_a_label_map(scene, case, tmp_path):
     assert read.GetSize() != case.mr.GetSize()  # cropped: its origin has to be right
     on_trus = targets.map_label_image(read, case.gt, case.trus)
     assert np.linalg.norm(centroid_lps(on_trus, 1) - trus_points[lesion]) < max(case.trus.GetSpacing())
+    segment = segmentation.GetSegmentation().GetNthSegment(0).GetName()
+    assert targets.label_names(read) == {1: segment}
+    report = targets.segmentation_report("lesion.seg.nrrd", "out.nrrd", read, on_trus)
+    assert report["label_names"] == {"1": segment}
 
 
 @pytest.mark.parametrize("kind", ["labelmap", "segmentation"])
