@@ -4,6 +4,8 @@ input, and mapped phantom landmarks and label maps checked against the phantoms'
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,21 @@ def landmark_targets(case: phantom.PhantomCase) -> tuple[targets.Targets, np.nda
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_targets_need_only_numpy_and_simpleitk():
+    """Slicer's Python has no torch, tqdm or matplotlib: the targets module must import without them."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'tqdm', 'matplotlib', 'scipy'): sys.modules[name] = None\n"
+        "import airreg.targets\n"
+        "print(sorted(m for m in sys.modules if m.startswith('airreg')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (
+        done.stdout.strip()
+        == "['airreg', 'airreg.errors', 'airreg.fileio', 'airreg.geometry', 'airreg.targets']"
+    )
 
 
 # --- frames and formats --------------------------------------------------------------------------------

@@ -414,16 +414,12 @@ def label_values(image: sitk.Image) -> list[int]:
 
 def label_names(image: sitk.Image) -> dict[int, str]:
     """Label value -> segment name, from the header of a Slicer ``.seg.nrrd`` (empty for other label maps)."""
-    keys = set(image.GetMetaDataKeys())
     names = {}
     index = 0
-    while f"Segment{index}_Name" in keys:
-        value = (
-            image.GetMetaData(f"Segment{index}_LabelValue") if f"Segment{index}_LabelValue" in keys else ""
-        )
-        names[int(value) if value.strip().isdigit() else index + 1] = image.GetMetaData(
-            f"Segment{index}_Name"
-        )
+    while image.HasMetaDataKey(f"Segment{index}_Name"):
+        value_key = f"Segment{index}_LabelValue"
+        value = image.GetMetaData(value_key).strip() if image.HasMetaDataKey(value_key) else ""
+        names[int(value) if value.isdigit() else index + 1] = image.GetMetaData(f"Segment{index}_Name")
         index += 1
     return names
 
