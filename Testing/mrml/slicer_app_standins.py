@@ -266,8 +266,13 @@ def add_slice_view_composites(scene) -> list:
 
 
 @contextlib.contextmanager
-def slicer_application(module_name: str = "AIRRegistration") -> Iterator[types.ModuleType]:
-    """Install the stand-ins, import the real module file and yield it; undo everything on exit."""
+def slicer_application(
+    module_name: str = "AIRRegistration", prepend_module_dir: bool = True
+) -> Iterator[types.ModuleType]:
+    """Install the stand-ins, import the real module file and yield it; undo everything on exit.
+
+    ``prepend_module_dir=False`` leaves sys.path to the caller (Slicer itself appends the module folder).
+    """
     with pytest.MonkeyPatch.context() as mp:
         scene = slicer.vtkMRMLScene()
         add_slice_view_composites(scene)
@@ -278,7 +283,8 @@ def slicer_application(module_name: str = "AIRRegistration") -> Iterator[types.M
                 mp.setattr(slicer, name.removeprefix("slicer."), module, raising=False)
         mp.setattr(slicer.util, "resetSliceViews", SliceViewResets())
         mp.setattr(slicer, "selfTests", {}, raising=False)
-        mp.syspath_prepend(str(MODULE_DIR))  # Slicer's "additional module paths"
+        if prepend_module_dir:
+            mp.syspath_prepend(str(MODULE_DIR))  # Slicer's "additional module paths"
         previous = sys.modules.pop(module_name, None)
         try:
             yield importlib.import_module(module_name)
