@@ -246,10 +246,14 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         p = self._parameterNode
-        if p.mrVolume is None and p.trusVolume is None:  # save the user a few clicks, as the template does
+        # Save the user a few clicks, as the template does. A selector without "None" shows the first volume
+        # of the scene, so both may name the same one: then the TRUS is chosen again.
+        if p.mrVolume is None or p.trusVolume is None or sameNode(p.mrVolume, p.trusVolume):
             mr, trus = self.logic.defaultVolumes(slicer.mrmlScene)
             with slicer.util.NodeModify(p.parameterNode):
-                p.mrVolume, p.trusVolume = mr, trus
+                p.mrVolume = p.mrVolume or mr
+                if p.trusVolume is None or sameNode(p.mrVolume, p.trusVolume):
+                    p.trusVolume = trus if not sameNode(trus, p.mrVolume) else mr
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:

@@ -13,7 +13,9 @@ undoes everything afterwards:
   constructed: the widget needs Qt.
 * ``slicer.parameterNodeWrapper``: ``parameterNodeWrapper`` and ``WithinRange``, storing fields on the scripted
   module node as Slicer's serializers do (nodes as node references, enums by member name, numbers and strings
-  as parameters; defaults from the class body; type and range checks on assignment). No caching, GUI binding
+  as parameters; defaults from the class body; type and range checks on assignment), and observable like
+  Slicer's (``AddObserver``, ``RemoveObserver``, ``Modified``). No caching, GUI binding (the widget tests add
+  one, Testing/widget/pythonqt_shim.py)
   or the other types Slicer supports (lists, dicts, unions, parameter packs): they raise ``TypeError`` here.
 * ``slicer.i18n``: ``tr`` and ``translate`` return the text unchanged.
 * ``slicer.selfTests``: an empty dict, filled by the module class as in Slicer.
@@ -210,6 +212,12 @@ def parameterNodeWrapper(classtype: type) -> type:
     classtype.__init__ = __init__
     classtype.StartModify = lambda self: self.parameterNode.StartModify()
     classtype.EndModify = lambda self, wasModifying: self.parameterNode.EndModify(wasModifying)
+    # as Slicer's wrapper (Base/Python/slicer/parameterNodeWrapper/wrapper.py:357-359, v5.12.3)
+    classtype.AddObserver = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(
+        event, callback, priority
+    )
+    classtype.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
+    classtype.Modified = lambda self: self.parameterNode.Modified()
     return classtype
 
 
