@@ -355,12 +355,10 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         self._busy, self._cancelled = True, False
         self.updateGUIFromParameterNode()
-        self._showStatus(
-            _(
-                "{what}: working... The first use loads PyTorch and the model, which can take a minute."
-            ).format(what=what),
-            "",
-        )
+        working = _("{what}: working...").format(what=what)
+        if needsCore:
+            working += " " + _("The first use loads PyTorch and the model, which can take a minute.")
+        self._showStatus(working, "")
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         slicer.app.processEvents()
@@ -913,7 +911,13 @@ class AIRRegistrationTest(ScriptedLoadableModuleTest):
             logic.registerVolumes(mr, mr)
         with self.assertRaises(ValueError):
             logic.registerVolumes(mr, None)
+        # an output transform the MR is under would move the MR: refused, nothing changed
+        mrPlacement = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MR placement")
+        mr.SetAndObserveTransformNodeID(mrPlacement.GetID())
+        with self.assertRaises(ValueError):
+            logic.registerVolumes(mr, trus, outputTransformNode=mrPlacement)
         self.assertIsNone(trus.GetTransformNodeID())
+        self.assertIsNone(mrPlacement.GetNodeReferenceID(mrPlacement.GetMovingNodeReferenceRole()))
         self.delayDisplay("Input validation passed")
 
     def test_RegisterPhantom(self):

@@ -181,7 +181,7 @@ def test_self_test(air_module: ModuleType, bundled_model: None, method: str) -> 
             assert composite.GetForegroundVolumeID() == trus.GetID()
         assert slicer.util.resetSliceViews.calls == resets + 1
     elif method == "test_InputValidation":
-        assert transform_nodes(scene) == []
+        assert transform_nodes(scene) == ["MR placement"]  # the refused output transform, left unchanged
 
 
 # --- logic ----------------------------------------------------------------------------------------------
