@@ -278,7 +278,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if not self._busy and self.logic.clearStaleResults(p):
             return  # clearing modified the parameter node, which ran this method again
-        reason = mrml_bridge.validate_inputs(p.mrVolume, p.trusVolume, p.outputTransform)
+        reason = mrml_bridge.validate_inputs(p.mrVolume, p.trusVolume, p.outputTransform, p.initialTransform)
         idle = not self._busy
         self.ui.applyButton.enabled = reason is None and idle
         self.ui.applyButton.toolTip = _("Run AIR-net rigid registration.") if reason is None else reason
@@ -594,13 +594,15 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
         """Register TRUS (moving) to MR (fixed); return ``(result, outputTransformNode)``.
 
         Raises ValueError with a user-readable message on bad input (also an output transform the MR is
-        under, or the TRUS's current placement); no node is changed before the registration has succeeded. The
+        under, the TRUS's current placement or the initial transform); no node is changed before the registration has succeeded. The
         output transform (created if None) gets the RAS modeling matrix and fixed/moving references, and the
         TRUS volume is put under it.
         """
         from AIRRegistrationLib import mrml_bridge
 
-        reason = mrml_bridge.validate_inputs(mrVolumeNode, trusVolumeNode, outputTransformNode)
+        reason = mrml_bridge.validate_inputs(
+            mrVolumeNode, trusVolumeNode, outputTransformNode, initialTransformNode
+        )
         if reason:
             raise ValueError(reason)
         registrar = self.getRegistrar(modelPath, device, iterations, toleranceMm)

@@ -208,7 +208,9 @@ def add_volume_node_from_image(scene, image: sitk.Image, name: str):
 # --- inputs --------------------------------------------------------------------------------------------
 
 
-def validate_inputs(mr_node, trus_node, output_transform_node=None) -> str | None:
+def validate_inputs(
+    mr_node, trus_node, output_transform_node=None, initial_transform_node=None
+) -> str | None:
     """Why registration cannot run with these nodes (text for the panel), or None when it can."""
     if mr_node is None or trus_node is None:
         return "Select MR and TRUS volumes"
@@ -219,7 +221,7 @@ def validate_inputs(mr_node, trus_node, output_transform_node=None) -> str | Non
             check_volume_node(node, role)
         except InputError as exc:
             return str(exc)
-    return check_output_transform(output_transform_node, mr_node, trus_node)
+    return check_output_transform(output_transform_node, mr_node, trus_node, initial_transform_node)
 
 
 def transform_ancestors(node) -> list:
@@ -232,12 +234,15 @@ def transform_ancestors(node) -> list:
     return chain
 
 
-def check_output_transform(output_transform_node, mr_node, trus_node) -> str | None:
+def check_output_transform(
+    output_transform_node, mr_node, trus_node, initial_transform_node=None
+) -> str | None:
     """Why a transform node cannot receive the result, or None when it can (None: a new node is made).
 
     Writing the result into a transform the MR is under would move the MR too; writing it into the TRUS's
-    current parent (or one of its ancestors) would overwrite the "before" placement. The output of an earlier
-    registration of this TRUS (its direct parent, marked with :data:`OUTPUT_ATTRIBUTE`) may be reused.
+    current parent (or one of its ancestors), or into the chosen initial transform (or one it is under), would
+    overwrite the "before" placement or the starting alignment. The output of an earlier registration of this
+    TRUS (marked with :data:`OUTPUT_ATTRIBUTE`) may be reused, if the TRUS is under it, directly.
     """
     if output_transform_node is None:
         return None
@@ -247,21 +252,25 @@ def check_output_transform(output_transform_node, mr_node, trus_node) -> str | N
             f"Output transform '{name}' would move the MR volume (the MR is under it); "
             "choose another output transform or 'Create new transform'"
         )
-    trus_chain = transform_ancestors(trus_node)
-    if output_transform_node not in trus_chain:
-        return None
-    reused = (
-        trus_chain[0] is output_transform_node
-        and output_transform_node.GetAttribute(OUTPUT_ATTRIBUTE) == "1"
+    own_result = (
+        output_transform_node.GetAttribute(OUTPUT_ATTRIBUTE) == "1"
         and output_transform_node.GetNodeReferenceID(output_transform_node.GetMovingNodeReferenceRole())
         == trus_node.GetID()
     )
-    if reused:
-        return None
-    return (
-        f"Output transform '{name}' holds the TRUS volume's current placement (the TRUS is under it); "
-        "choose another output transform or 'Create new transform'"
-    )
+    trus_chain = transform_ancestors(trus_node)
+    if output_transform_node in trus_chain and not (own_result and trus_chain[0] is output_transform_node):
+        return (
+            f"Output transform '{name}' holds the TRUS volume's current placement (the TRUS is under it); "
+            "choose another output transform or 'Create new transform'"
+        )
+    if initial_transform_node is not None and not own_result:
+        initial_chain = [initial_transform_node, *transform_ancestors(initial_transform_node)]
+        if output_transform_node in initial_chain:
+            return (
+                f"Output transform '{name}' would overwrite the initial transform (the starting alignment); "
+                "choose another output transform or 'Create new transform'"
+            )
+    return None
 
 
 def initial_transform_lps(trus_node, initial_transform_node=None) -> np.ndarray | None:
@@ -391,7 +400,7 @@ def register_volume_nodes(
     has been changed.
     """
     mr, trus = images_from_volume_nodes(mr_node, trus_node, patient_lookup)
-    reason = check_output_transform(output_transform_node, mr_node, trus_node)
+    reason = check_output_transform(output_transform_node, mr_node, trus_node, initial_transform_node)
     if reason:
         raise InputError(reason)
     initial = initial_transform_lps(trus_node, initial_transform_node)

@@ -196,6 +196,25 @@ def test_output_transform_holding_the_trus_is_refused_but_an_earlier_result_is_r
     assert trus.GetTransformNodeID() == parent.GetID()  # "before" is still the placement before the first run
 
 
+def test_output_transform_that_is_the_initial_transform_is_refused(air_module, scene, pair, exact):
+    """The chosen starting alignment (e.g. from a fusion system) is not overwritten by the result."""
+    from AIRRegistrationLib import mrml_bridge
+
+    mr, trus = pair
+    exact(TRUTH)
+    outer = add_transform(scene, rigid((0, 0, 0), (0, 4, 0)), "fusion frame")
+    start = add_transform(scene, rigid((0, 0, 6), (1, 0, 0)), "fusion start", parent=outer)
+    logic = air_module.AIRRegistrationLogic()
+    for chosen in (start, outer):
+        before = to_parent(chosen)
+        assert "would overwrite the initial transform" in mrml_bridge.validate_inputs(mr, trus, chosen, start)
+        with pytest.raises(ValueError, match="would overwrite the initial transform"):
+            logic.registerVolumes(mr, trus, outputTransformNode=chosen, initialTransformNode=start)
+        np.testing.assert_array_equal(to_parent(chosen), before)
+    _result, out = logic.registerVolumes(mr, trus, initialTransformNode=start)
+    assert mrml_bridge.validate_inputs(mr, trus, out, out) is None  # starting again from its own result
+
+
 # --- 12: the export maps MR file coordinates to TRUS file coordinates -----------------------------------
 
 

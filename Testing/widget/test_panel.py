@@ -165,6 +165,11 @@ def test_register_is_enabled_only_for_valid_inputs(panel: Panel) -> None:
     panel.select("outputTransformSelector", "Create new transform")
     assert ui.applyButton.enabled
 
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "fusion start")
+    panel.select("initialTransformSelector", "fusion start")
+    panel.select("outputTransformSelector", "fusion start")
+    assert not ui.applyButton.enabled and "would overwrite the initial transform" in ui.inputHintLabel.text
+
 
 # --- item 4: stale results --------------------------------------------------------------------------------
 
