@@ -9,6 +9,8 @@ import enum
 import json
 import logging
 import os
+import re
+import sys
 import traceback
 from typing import Annotated
 
@@ -26,6 +28,15 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+#: This module's folder. Slicer's scripted-module factory *appends* it to sys.path
+#: (Base/QTGUI/qSlicerScriptedLoadableModuleFactory.cxx:59, appendPythonPaths, v5.12.3), so a pip-installed
+#: ``airregistration`` in site-packages would shadow the bundled ``airreg`` core: put the folder first.
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if sys.path[:1] != [MODULE_DIR]:
+    if MODULE_DIR in sys.path:
+        sys.path.remove(MODULE_DIR)
+    sys.path.insert(0, MODULE_DIR)
 
 DISCLAIMER = _(
     "Research software. The bundled model was trained on synthetic phantoms only: it is not for clinical use "
@@ -57,8 +68,8 @@ class AIRRegistration(ScriptedLoadableModule):
             "be exported as an ITK transform (LPS), a 4x4 RAS matrix and a JSON report for biopsy planning. "
             "It also warns when the two volumes belong to different patients (their DICOM PatientIDs, or the "
             "patients they are filed under in the Data module)."
-            "<br><br><b>" + DISCLAIMER + "</b>"
         )
+        self.parent.helpText += "<br><br><b>" + DISCLAIMER + "</b>"
         self.parent.acknowledgementText = _(
             "Method: P. Yan, S. Xu, A. R. Rastinehad, B. J. Wood, 'Adversarial Image Registration with "
             "Application for MR and TRUS Image Fusion', MLMI 2018. This implementation is independent of the "
@@ -90,6 +101,8 @@ class AIRRegistrationParameterNode:
     initialTransform - starting alignment; None: the transform the TRUS volume is already under.
     outputTransform - receives the result; None: a new node is created.
     modelPath - AIR-net checkpoint; empty: the bundled model (trained on synthetic phantoms).
+    The result fields describe resultMrVolume, resultTrusVolume and resultTransform; they are cleared when the
+    selection changes (see AIRRegistrationLogic.clearStaleResults).
     """
 
     mrVolume: vtkMRMLScalarVolumeNode
@@ -100,9 +113,13 @@ class AIRRegistrationParameterNode:
     device: Device = Device.AUTO
     iterations: Annotated[int, WithinRange(1, 10)] = 3
     toleranceMm: Annotated[float, WithinRange(0.5, 20)] = 5.0
-    # results (written by the logic, shown read-only)
+    # results (written by the logic, shown read-only); result* name the nodes they describe
+    resultMrVolume: vtkMRMLScalarVolumeNode
+    resultTrusVolume: vtkMRMLScalarVolumeNode
+    resultTransform: vtkMRMLLinearTransformNode
     dScoreBefore: str = ""
     dScoreAfter: str = ""
+    dScoreCurrent: str = ""
     estimatedErrorMm: str = ""
     samePatient: str = ""
     elapsed: str = ""
@@ -113,6 +130,30 @@ class AIRRegistrationParameterNode:
 
 class MissingDependencyError(ValueError):
     """A required Python package is missing and was not installed."""
+
+
+#: Volume names that say ultrasound (pre-selected as the TRUS volume).
+ULTRASOUND_NAME = re.compile(r"trus|ultrasound|(?<![a-z])us(?![a-z])", re.IGNORECASE)
+
+#: Parameter-node fields holding results (text), cleared together when they go stale.
+RESULT_TEXT_FIELDS = (
+    "dScoreBefore",
+    "dScoreAfter",
+    "dScoreCurrent",
+    "estimatedErrorMm",
+    "samePatient",
+    "elapsed",
+    "quality",
+    "statusText",
+    "reportJson",
+)
+
+
+def sameNode(a, b) -> bool:
+    """Whether two node variables name the same MRML node (or are both None)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.GetID() == b.GetID()
 
 
 def dicomPatientLookup():
@@ -133,8 +174,16 @@ def dicomPatientLookup():
 #
 
 
+class RegistrationCancelled(ValueError):
+    """The scene was closed while a registration or a check ran; nothing was changed."""
+
+
 class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Thin GUI: binds the .ui to the parameter node and forwards actions to the logic."""
+    """Thin GUI: binds the .ui to the parameter node and forwards actions to the logic.
+
+    While an action runs (registration runs in the GUI thread; its progress callback pumps events), inputs,
+    options and exports are disabled and a second click is ignored; closing the scene cancels the run.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -143,6 +192,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._busy = False
+        self._cancelled = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -164,6 +214,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkAlignmentButton.connect("clicked(bool)", self.onCheckAlignmentButton)
         self.ui.modelPathBrowseButton.connect("clicked(bool)", self.onBrowseModel)
         self.ui.showRegisteredCheckBox.connect("toggled(bool)", self.onShowRegisteredToggled)
+        self.ui.adjustCheckBox.connect("toggled(bool)", self.onAdjustToggled)
         self.ui.exportTransformButton.connect("clicked(bool)", self.onExportTransform)
         self.ui.exportMatrixButton.connect("clicked(bool)", self.onExportMatrix)
         self.ui.exportReportButton.connect("clicked(bool)", self.onExportReport)
@@ -185,6 +236,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelled = self._busy  # a running action stops at its next progress report
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -193,6 +245,15 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        # Save the user a few clicks, as the template does. A selector without "None" shows the first volume
+        # of the scene, so both may name the same one: then the TRUS is chosen again.
+        if p.mrVolume is None or p.trusVolume is None or sameNode(p.mrVolume, p.trusVolume):
+            mr, trus = self.logic.defaultVolumes(slicer.mrmlScene)
+            with slicer.util.NodeModify(p.parameterNode):
+                p.mrVolume = p.mrVolume or mr
+                if p.trusVolume is None or sameNode(p.mrVolume, p.trusVolume):
+                    p.trusVolume = trus if not sameNode(trus, p.mrVolume) else mr
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -215,24 +276,44 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from AIRRegistrationLib import mrml_bridge
 
-        reason = mrml_bridge.validate_inputs(p.mrVolume, p.trusVolume)
-        self.ui.applyButton.enabled = reason is None and not self._busy
-        self.ui.applyButton.text = _("Register") if reason is None else reason
+        if not self._busy and self.logic.clearStaleResults(p):
+            return  # clearing modified the parameter node, which ran this method again
+        reason = mrml_bridge.validate_inputs(p.mrVolume, p.trusVolume, p.outputTransform, p.initialTransform)
+        idle = not self._busy
+        self.ui.applyButton.enabled = reason is None and idle
         self.ui.applyButton.toolTip = _("Run AIR-net rigid registration.") if reason is None else reason
-        self.ui.checkAlignmentButton.enabled = reason is None and not self._busy
+        self.ui.inputHintLabel.text = reason or ""
+        self.ui.inputHintLabel.visible = reason is not None
+        self.ui.checkAlignmentButton.enabled = (
+            mrml_bridge.validate_inputs(p.mrVolume, p.trusVolume) is None and idle
+        )
+        for widget in (
+            self.ui.mrVolumeSelector,
+            self.ui.trusVolumeSelector,
+            self.ui.initialTransformSelector,
+            self.ui.outputTransformSelector,
+            self.ui.advancedCollapsibleButton,
+        ):
+            widget.enabled = idle
 
         self.ui.dScoreBeforeValueLabel.text = p.dScoreBefore or "-"
         self.ui.dScoreAfterValueLabel.text = p.dScoreAfter or "-"
+        self.ui.dScoreCurrentValueLabel.text = p.dScoreCurrent or "-"
         self.ui.estimatedErrorValueLabel.text = p.estimatedErrorMm or "-"
         self.ui.samePatientValueLabel.text = p.samePatient or "-"
         self.ui.timeValueLabel.text = p.elapsed or "-"
-        self._showStatus(p.statusText or _("No result yet."), p.quality)
+        if idle:
+            self._showStatus(p.statusText or _("No result yet."), p.quality)
 
-        hasResult = p.outputTransform is not None and p.trusVolume is not None and bool(p.reportJson)
-        self.ui.showRegisteredCheckBox.enabled = hasResult
-        self.ui.exportTransformButton.enabled = p.outputTransform is not None
-        self.ui.exportMatrixButton.enabled = p.outputTransform is not None
-        self.ui.exportReportButton.enabled = bool(p.reportJson)
+        hasResult = bool(p.reportJson) and p.resultTransform is not None and self.logic.resultIsCurrent(p)
+        self.ui.showRegisteredCheckBox.enabled = hasResult and idle
+        self.ui.adjustCheckBox.enabled = hasResult and idle
+        wasBlocked = self.ui.adjustCheckBox.blockSignals(True)
+        self.ui.adjustCheckBox.checked = hasResult and self.logic.transformHandlesShown(p.resultTransform)
+        self.ui.adjustCheckBox.blockSignals(wasBlocked)
+        self.ui.exportTransformButton.enabled = p.outputTransform is not None and idle
+        self.ui.exportMatrixButton.enabled = p.outputTransform is not None and idle
+        self.ui.exportReportButton.enabled = hasResult and idle
 
     def _showStatus(self, text: str, quality: str) -> None:
         style = {
@@ -248,28 +329,56 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(text, 3000)
         slicer.app.processEvents()
 
+    def _checkCancelled(self) -> None:
+        if self._cancelled:
+            raise RegistrationCancelled(_("the scene was closed"))
+
     def _onProgress(self, fraction: float, message: str) -> None:
+        self._checkCancelled()
         self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, fraction))))
         self.ui.progressBar.format = f"{message} %p%"
         slicer.app.processEvents()
+        self._checkCancelled()
 
-    def _run(self, what: str, action):
-        """Run an action; bad input or a refused install shows a message in the panel, no traceback dialog."""
-        self._busy = True
+    def _report(self, text: str) -> None:
+        """A failure or cancellation in the panel (and the status bar, if the scene has no parameter node)."""
+        if self._parameterNode is None:
+            slicer.util.showStatusMessage(text, 5000)
+            return
+        self._parameterNode.quality = "warning"
+        self._parameterNode.statusText = text
+
+    def _run(self, what: str, action, needsCore: bool = False):
+        """Run an action with the panel locked; bad input, a refused install or a closed scene shows a message
+        in the panel, no traceback dialog. A click while an action runs is ignored."""
+        if self._busy or self._parameterNode is None:
+            return None
+        self._busy, self._cancelled = True, False
         self.updateGUIFromParameterNode()
+        working = _("{what}: working...").format(what=what)
+        if needsCore:
+            working += " " + _("The first use loads PyTorch and the model, which can take a minute.")
+        self._showStatus(working, "")
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
+        slicer.app.processEvents()
         try:
+            if needsCore:
+                self.logic.ensureCore()  # may ask to install packages: not under the wait cursor
+            self._checkCancelled()
             with slicer.util.WaitCursor():
                 return action()
-        except ValueError as exc:  # InputError, ModelError, MissingDependencyError ...
-            logging.warning(f"{what} failed: {exc}")
-            self._parameterNode.quality = "warning"
-            self._parameterNode.statusText = _("{what} failed: {error}").format(what=what, error=exc)
+        except ValueError as exc:  # InputError, ModelError, MissingDependencyError, RegistrationCancelled ...
+            if self._cancelled:
+                self._report(
+                    _("{what} cancelled: the scene was closed; nothing was changed.").format(what=what)
+                )
+            else:
+                logging.warning(f"{what} failed: {exc}")
+                self._report(_("{what} failed: {error}").format(what=what, error=exc))
         except Exception as exc:
             logging.error(traceback.format_exc())
-            self._parameterNode.quality = "warning"
-            self._parameterNode.statusText = _("{what} failed: {error}").format(what=what, error=exc)
+            self._report(_("{what} failed: {error}").format(what=what, error=exc))
             slicer.util.errorDisplay(
                 _("{what} failed: {error}").format(what=what, error=exc), detailedText=traceback.format_exc()
             )
@@ -281,16 +390,20 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         def register():
-            self.logic.registerVolumesUsingParameterNode(
-                self._parameterNode, progressCallback=self._onProgress
-            )
+            p = self._parameterNode
+            mr, trus = p.mrVolume, p.trusVolume
+            self.logic.registerVolumesUsingParameterNode(p, progressCallback=self._onProgress)
             self.ui.showRegisteredCheckBox.checked = True  # the TRUS volume is now under the result
-            self.logic.showFusion(self._parameterNode.mrVolume, self._parameterNode.trusVolume)
+            self.logic.showFusion(mr, trus)
 
-        self._run(_("Registration"), register)
+        self._run(_("Registration"), register, needsCore=True)
 
     def onCheckAlignmentButton(self) -> None:
-        self._run(_("Alignment check"), lambda: self.logic.scoreUsingParameterNode(self._parameterNode))
+        self._run(
+            _("Alignment check"),
+            lambda: self.logic.scoreUsingParameterNode(self._parameterNode),
+            needsCore=True,
+        )
 
     def onBrowseModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
@@ -304,9 +417,18 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowRegisteredToggled(self, after: bool) -> None:
         p = self._parameterNode
-        if p is None or p.outputTransform is None or p.trusVolume is None:
+        if p is None or p.resultTransform is None or not self.logic.resultIsCurrent(p):
             return
-        self.logic.showAlignment(p.trusVolume, p.outputTransform, after)
+        self.logic.showAlignment(p.resultTrusVolume, p.resultTransform, after)
+
+    def onAdjustToggled(self, visible: bool) -> None:
+        """Handles on the output transform; the TRUS is put under it so that dragging them moves the TRUS."""
+        p = self._parameterNode
+        if p is None or p.resultTransform is None or not self.logic.resultIsCurrent(p):
+            return
+        if visible:
+            self.ui.showRegisteredCheckBox.checked = True
+        self.logic.showTransformHandles(p.resultTransform, visible)
 
     def _saveFileName(self, caption: str, defaultName: str, fileFilter: str) -> str:
         # QFileDialog asks before replacing an existing file, so a chosen name may be overwritten.
@@ -318,20 +440,21 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self._saveFileName(
             _("Save transform"), "mr_to_trus.h5", _("ITK transform (*.h5 *.tfm *.txt);;All files (*)")
         )
+        p = self._parameterNode
         if path:
-            self._run(
-                _("Export"), lambda: self.logic.exportTransform(self._parameterNode.outputTransform, path)
-            )
+            self._run(_("Export"), lambda: self.logic.exportTransform(p.outputTransform, path, p.mrVolume))
 
     def onExportMatrix(self) -> None:
         path = self._saveFileName(_("Save 4x4 RAS matrix"), "trus_to_mr_ras.txt", _("Text (*.txt)"))
+        p = self._parameterNode
         if path:
-            self._run(_("Export"), lambda: self.logic.exportMatrix(self._parameterNode.outputTransform, path))
+            self._run(_("Export"), lambda: self.logic.exportMatrix(p.outputTransform, path, p.mrVolume))
 
     def onExportReport(self) -> None:
         path = self._saveFileName(_("Save report"), "air_registration_report.json", _("JSON (*.json)"))
+        p = self._parameterNode
         if path:
-            self._run(_("Export"), lambda: self.logic.exportReport(self._parameterNode.reportJson, path))
+            self._run(_("Export"), lambda: self.logic.exportReport(p.reportJson, path, p.resultTransform))
 
 
 #
@@ -470,13 +593,16 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
     ):
         """Register TRUS (moving) to MR (fixed); return ``(result, outputTransformNode)``.
 
-        Raises ValueError with a user-readable message on bad input; no node is changed before the
-        registration has succeeded. The output transform (created if None) gets the RAS modeling matrix and
-        fixed/moving references, and the TRUS volume is put under it.
+        Raises ValueError with a user-readable message on bad input (also an output transform the MR is
+        under, the TRUS's current placement or the initial transform); no node is changed before the registration has succeeded. The
+        output transform (created if None) gets the RAS modeling matrix and fixed/moving references, and the
+        TRUS volume is put under it.
         """
         from AIRRegistrationLib import mrml_bridge
 
-        reason = mrml_bridge.validate_inputs(mrVolumeNode, trusVolumeNode)
+        reason = mrml_bridge.validate_inputs(
+            mrVolumeNode, trusVolumeNode, outputTransformNode, initialTransformNode
+        )
         if reason:
             raise ValueError(reason)
         registrar = self.getRegistrar(modelPath, device, iterations, toleranceMm)
@@ -527,12 +653,17 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
         return quality
 
     def registerVolumesUsingParameterNode(self, parameterNode, progressCallback=None):
-        """Unpack the parameter node into :meth:`registerVolumes` and store the results on it."""
+        """Unpack the parameter node into :meth:`registerVolumes` and store the results on it.
+
+        The nodes are read once, before the run: the results and the report describe these nodes even if the
+        selection changes while the registration runs.
+        """
         p = parameterNode
+        mr, trus, output = p.mrVolume, p.trusVolume, p.outputTransform
         result, outputTransformNode = self.registerVolumes(
-            p.mrVolume,
-            p.trusVolume,
-            outputTransformNode=p.outputTransform,
+            mr,
+            trus,
+            outputTransformNode=output,
             initialTransformNode=p.initialTransform,
             modelPath=p.modelPath.strip(),
             device=p.device.value,
@@ -542,34 +673,104 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
         )
         from AIRRegistrationLib import mrml_bridge
 
-        report = mrml_bridge.build_report(result.report(), p.mrVolume, p.trusVolume, outputTransformNode)
+        warning = mrml_bridge.warning_without_patient_ids(result.warning, mr, trus, dicomPatientLookup())
+        report = mrml_bridge.build_report(result.report(), mr, trus, outputTransformNode)
+        report["warning"] = warning
         with slicer.util.NodeModify(p.parameterNode):  # one GUI update
             p.outputTransform = outputTransformNode
+            p.resultMrVolume, p.resultTrusVolume, p.resultTransform = mr, trus, outputTransformNode
             p.dScoreBefore = f"{result.d_score_before:.3f}"
             p.dScoreAfter = f"{result.d_score:.3f}"
+            p.dScoreCurrent = ""
             p.estimatedErrorMm = f"{result.estimated_tre_mm:.1f} mm"
             p.samePatient = self.samePatientText(result.after)
             p.elapsed = f"{result.seconds:.1f} s"
             p.quality = result.quality
-            p.statusText = self.statusText(result.quality, result.warning)
+            p.statusText = self.statusText(result.quality, warning) + self.deviceNote(p.device, result.device)
             p.reportJson = json.dumps(report, default=str)
         return result
 
     def scoreUsingParameterNode(self, parameterNode):
-        """Score the current alignment and show it in the result fields (no node is changed)."""
+        """Score the current alignment and show it in the result fields (no node other than ``p`` changes).
+
+        When the TRUS is under the output transform of the current result, the report is updated with this
+        score (``adjusted_manually`` says whether the transform was moved by hand since the registration).
+        """
+        from AIRRegistrationLib import mrml_bridge
+
         p = parameterNode
-        quality = self.scoreAlignment(
-            p.mrVolume, p.trusVolume, p.modelPath.strip(), p.device.value, p.toleranceMm
-        )
+        mr, trus = p.mrVolume, p.trusVolume
+        quality = self.scoreAlignment(mr, trus, p.modelPath.strip(), p.device.value, p.toleranceMm)
+        warning = mrml_bridge.warning_without_patient_ids(quality.warning, mr, trus, dicomPatientLookup())
+        self.clearStaleResults(p)
+        report = None
+        out = p.resultTransform
+        if p.reportJson and out is not None and trus.GetTransformNodeID() == out.GetID():
+            report = mrml_bridge.record_manual_adjustment(json.loads(p.reportJson), quality, out, mr, warning)
+        device = str(self._registrar.device) if self._registrar is not None else ""
         with slicer.util.NodeModify(p.parameterNode):  # one GUI update
-            p.dScoreBefore = f"{quality.d_score:.3f}"
-            p.dScoreAfter = ""
+            p.resultMrVolume, p.resultTrusVolume = mr, trus
+            p.dScoreCurrent = f"{quality.d_score:.3f}"
             p.estimatedErrorMm = f"{quality.estimated_tre_mm:.1f} mm"
             p.samePatient = self.samePatientText(quality)
-            p.elapsed = ""
             p.quality = quality.quality
-            p.statusText = _("Current alignment: ") + self.statusText(quality.quality, quality.warning)
+            adjusted = report is not None and report["adjusted_manually"]
+            prefix = _("Adjusted alignment: ") if adjusted else _("Current alignment: ")
+            p.statusText = (
+                prefix + self.statusText(quality.quality, warning) + self.deviceNote(p.device, device)
+            )
+            if report is not None:
+                p.reportJson = json.dumps(report, default=str)
         return quality
+
+    @staticmethod
+    def defaultVolumes(scene):
+        """``(mr, trus)`` to pre-select: the first volume whose name says ultrasound (TRUS, US) as TRUS, the
+        first other one as MR (without such a name: the first two volumes); label maps are skipped."""
+        volumes = [
+            scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+        ]
+        volumes = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode")]
+        ultrasound = [v for v in volumes if ULTRASOUND_NAME.search(v.GetName() or "")]
+        trus = ultrasound[0] if ultrasound else None
+        mr = next((v for v in volumes if v not in ultrasound), None)
+        if trus is None:
+            trus = next((v for v in volumes if v is not mr), None)
+        return mr, trus
+
+    @staticmethod
+    def resultIsCurrent(parameterNode) -> bool:
+        """Whether the result fields describe the selected MR and TRUS (and, after a registration, the
+        selected output transform)."""
+        p = parameterNode
+        return (
+            sameNode(p.resultMrVolume, p.mrVolume)
+            and sameNode(p.resultTrusVolume, p.trusVolume)
+            and (not p.reportJson or sameNode(p.resultTransform, p.outputTransform))
+        )
+
+    def clearStaleResults(self, parameterNode) -> bool:
+        """Clear the result fields when they describe other nodes than those selected; True if cleared.
+
+        Keeps old D-scores and reports from being shown, saved or toggled for a newly selected volume.
+        """
+        p = parameterNode
+        if self.resultIsCurrent(p) or not any(getattr(p, name) for name in RESULT_TEXT_FIELDS):
+            return False
+        with slicer.util.NodeModify(p.parameterNode):
+            p.resultMrVolume = p.resultTrusVolume = p.resultTransform = None
+            for name in RESULT_TEXT_FIELDS:
+                setattr(p, name, "")
+        return True
+
+    @staticmethod
+    def deviceNote(requested, actual: str) -> str:
+        """A sentence for the status when a GPU was asked for but the networks ran elsewhere (else empty)."""
+        requested = getattr(requested, "value", requested)
+        if requested == Device.CUDA.value and not str(actual).startswith("cuda"):
+            return " " + _("The GPU (CUDA) is not available here: the networks ran on the CPU.")
+        return ""
 
     @staticmethod
     def samePatientText(verdict) -> str:
@@ -599,29 +800,68 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
 
         mrml_bridge.show_alignment(trusVolumeNode, outputTransformNode, after)
 
-    def exportTransform(self, outputTransformNode, path: str) -> None:
-        """ITK transform file (LPS, resampling: MR point -> TRUS point). ``path`` was chosen by the user."""
+    @staticmethod
+    def showTransformHandles(transformNode, visible: bool) -> None:
+        """Interaction handles on a transform in the views, to adjust an alignment by hand (Slicer's
+        Transforms module's "Interaction" checkbox: vtkMRMLTransformDisplayNode.SetEditorVisibility)."""
+        if transformNode.GetDisplayNode() is None:
+            transformNode.CreateDefaultDisplayNodes()
+        display = transformNode.GetDisplayNode()
+        display.SetEditorVisibility(bool(visible))
+        display.SetEditorSliceIntersectionVisibility(bool(visible))
+
+    @staticmethod
+    def transformHandlesShown(transformNode) -> bool:
+        display = transformNode.GetDisplayNode() if transformNode is not None else None
+        return bool(display is not None and display.GetEditorVisibility())
+
+    @staticmethod
+    def _exportMatrix(outputTransformNode, mrVolumeNode):
+        """MR file -> TRUS file LPS matrix (mrml_bridge.EXPORT_FRAME); the MR is the transform's fixed volume
+        unless given."""
         from AIRRegistrationLib import mrml_bridge
 
-        matrix = mrml_bridge.mr_to_trus_from_transform_node(outputTransformNode)
-        mrml_bridge.export_transform(path, matrix, overwrite=True)
+        if outputTransformNode is None:
+            raise ValueError(_("No output transform to export."))
+        mr = mrVolumeNode if mrVolumeNode is not None else mrml_bridge.fixed_volume_of(outputTransformNode)
+        return mrml_bridge.mr_to_trus_from_transform_node(outputTransformNode, mr)
+
+    def exportTransform(self, outputTransformNode, path: str, mrVolumeNode=None) -> None:
+        """ITK transform file (LPS, resampling: a point of the MR file -> the point of the TRUS file, see
+        ``mrml_bridge.EXPORT_FRAME``). ``path`` was chosen by the user."""
+        from AIRRegistrationLib import mrml_bridge
+
+        mrml_bridge.export_transform(
+            path, self._exportMatrix(outputTransformNode, mrVolumeNode), overwrite=True
+        )
         self.addLog(_("Saved {path}").format(path=path))
 
-    def exportMatrix(self, outputTransformNode, path: str) -> None:
-        """4x4 RAS modeling matrix (TRUS -> MR, "to parent") as text. ``path`` was chosen by the user."""
+    def exportMatrix(self, outputTransformNode, path: str, mrVolumeNode=None) -> None:
+        """4x4 RAS modeling matrix (TRUS -> MR, "to parent", in the volumes' file coordinates) as text."""
         from AIRRegistrationLib import mrml_bridge
 
-        matrix = mrml_bridge.mr_to_trus_from_transform_node(outputTransformNode)
+        matrix = self._exportMatrix(outputTransformNode, mrVolumeNode)
         mrml_bridge.export_matrix_text(path, matrix, overwrite=True)
         self.addLog(_("Saved {path}").format(path=path))
 
-    def exportReport(self, reportJson: str, path: str) -> None:
-        """JSON report of the last registration. ``path`` was chosen by the user."""
+    def exportReport(self, reportJson: str, path: str, outputTransformNode=None) -> None:
+        """JSON report of the last registration. ``path`` was chosen by the user.
+
+        With ``outputTransformNode``, refuses a report whose scores are not those of the transform as it is now
+        (moved by hand since it was scored).
+        """
         from AIRRegistrationLib import mrml_bridge
 
         if not reportJson:
             raise ValueError(_("No registration result to report yet."))
-        mrml_bridge.write_report(path, json.loads(reportJson), overwrite=True)
+        report = json.loads(reportJson)
+        if outputTransformNode is not None and not mrml_bridge.report_matches_transform(
+            report, outputTransformNode
+        ):
+            raise ValueError(
+                _("The output transform was moved after it was scored: click Check current alignment first.")
+            )
+        mrml_bridge.write_report(path, report, overwrite=True)
         self.addLog(_("Saved {path}").format(path=path))
 
 
@@ -673,7 +913,13 @@ class AIRRegistrationTest(ScriptedLoadableModuleTest):
             logic.registerVolumes(mr, mr)
         with self.assertRaises(ValueError):
             logic.registerVolumes(mr, None)
+        # an output transform the MR is under would move the MR: refused, nothing changed
+        mrPlacement = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MR placement")
+        mr.SetAndObserveTransformNodeID(mrPlacement.GetID())
+        with self.assertRaises(ValueError):
+            logic.registerVolumes(mr, trus, outputTransformNode=mrPlacement)
         self.assertIsNone(trus.GetTransformNodeID())
+        self.assertIsNone(mrPlacement.GetNodeReferenceID(mrPlacement.GetMovingNodeReferenceRole()))
         self.delayDisplay("Input validation passed")
 
     def test_RegisterPhantom(self):

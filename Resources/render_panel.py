@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         panel.findChild(QComboBox, name).addItem(text)
     panel.findChild(QComboBox, "initialTransformSelector").addItem("TRUS volume's current transform")
     panel.findChild(QComboBox, "outputTransformSelector").addItem("Create new transform")
-    # with both volumes selected, the widget enables the Register button (see updateGUIFromParameterNode)
-    apply_button = panel.findChild(QPushButton, "applyButton")
-    apply_button.setEnabled(True)
-    apply_button.setText("Register")
+    # with both volumes selected, the widget enables the Register button and hides the hint under it
+    # (see updateGUIFromParameterNode)
+    panel.findChild(QPushButton, "applyButton").setEnabled(True)
+    panel.findChild(QWidget, "inputHintLabel").hide()
     for name, is_collapsed in collapsed.items():
         box = panel.findChild(QGroupBox, name)
         box.setTitle(("\u25b8 " if is_collapsed else "\u25be ") + box.title())
@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     panel.resize(args.width, 10)
     panel.adjustSize()
-    panel.resize(args.width, panel.minimumSizeHint().height())
+    layout = panel.layout()
+    height = layout.totalHeightForWidth(args.width) if layout.hasHeightForWidth() else -1
+    panel.resize(args.width, max(height, panel.minimumSizeHint().height()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if not panel.grab().save(str(args.output)):
         print(f"could not write {args.output}", file=sys.stderr)

@@ -109,14 +109,54 @@ def test_ui_texts(ui_tree):
     def text(name):
         return ui_tree.find(f".//widget[@name='{name}']/property[@name='text']/string").text
 
-    assert text("applyButton") == "Select MR and TRUS volumes"
+    assert text("applyButton") == "Register"  # why it is disabled goes into inputHintLabel, not the button
+    assert text("inputHintLabel") == "Select MR and TRUS volumes"
     assert text("checkAlignmentButton") == "Check current alignment"
     disclaimer = text("disclaimerLabel").lower()
     assert "synthetic phantoms" in disclaimer and "not for clinical use" in disclaimer
     assert "validated on your own data" in disclaimer
 
 
+def test_selectors_of_a_base_class_list_its_subclasses(ui_tree):
+    """qMRMLNodeComboBox filters on the exact class unless showChildNodeTypes is true (Slicer's
+    qMRMLSortFilterProxyModel::filterAcceptsRow): "vtkMRMLTransformNode" alone lists no linear transform."""
+    base_classes = {"vtkMRMLTransformNode", "vtkMRMLVolumeNode", "vtkMRMLNode"}
+    checked = 0
+    for widget in ui_tree.iter("widget"):
+        if widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        types = {s.text for s in widget.findall("property[@name='nodeTypes']/stringlist/string")}
+        if types & base_classes:
+            checked += 1
+            assert widget.findtext("property[@name='showChildNodeTypes']/bool") == "true", widget.get("name")
+    assert checked >= 1  # the initial-transform selector
+
+
+def test_score_rows_say_their_range_and_direction(ui_tree):
+    """Each D-score row and the estimated error say what the number means and which way is better."""
+    for name in ("dScoreBeforeLabel", "dScoreAfterLabel", "dScoreCurrentLabel", "estimatedErrorLabel"):
+        tip = ui_tree.findtext(f".//widget[@name='{name}']/property[@name='toolTip']/string") or ""
+        assert "better" in tip, name
+        if name.startswith("dScore"):
+            assert "0 to 1" in tip and "higher is better" in tip, name
+
+
 # --- module code vs .ui and parameter node -------------------------------------------------------------
+
+
+def test_translated_texts_are_literals(module_ast):
+    """Every ``_()`` gets one string literal: text built at run time (``+``, f-strings, variables) cannot be
+    extracted for translation (Slicer's i18n: lupdate reads the literals)."""
+    calls = [
+        node
+        for node in ast.walk(module_ast)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_"
+    ]
+    assert calls
+    for call in calls:
+        assert len(call.args) == 1 and not call.keywords, ast.unparse(call)
+        arg = call.args[0]
+        assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), ast.unparse(call)
 
 
 def test_module_and_lib_parse_for_python_312():
@@ -264,6 +304,9 @@ def test_extension_cmake():
     assert re.search(r'set\(EXTENSION_CATEGORY\s+"Registration"\)', text)
     assert re.search(r'set\(EXTENSION_DEPENDS\s+"PyTorch"\)', text)
     assert "add_subdirectory(AIRRegistration)" in text
+    # as Slicer 5.10's extension template (3.20.6...3.22.6; 5.12's asks 3.28.0), policies up to 5.12's
+    match = re.search(r"cmake_minimum_required\(VERSION (\d+)\.(\d+)\.(\d+)(?:\.\.\.([\d.]+))?", text)
+    assert match and tuple(int(v) for v in match.groups()[:3]) >= (3, 20, 6), text[:80]
     assert "${Slicer_EXTENSION_GENERATE_CONFIG}" in text and "${Slicer_EXTENSION_CPACK}" in text
 
 

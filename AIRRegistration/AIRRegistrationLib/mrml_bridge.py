@@ -45,8 +45,12 @@ FUSION_COLOR_NODE_IDS = (
     "vtkMRMLColorTableNodeRainbow",
 )
 
-#: Attribute on the output transform node naming the transform the TRUS was under before registration.
-PREVIOUS_PARENT_ATTRIBUTE = "AIRRegistration.PreviousParentTransformID"
+#: Node-reference role on the output transform: the transform the TRUS was under before registration. A node
+#: reference (not an ID in an attribute) follows the node when a scene is imported and its IDs are renamed.
+PREVIOUS_PARENT_ROLE = "airRegistrationPreviousParent"
+
+#: Attribute marking a transform node written by this module's registration (see :func:`check_output_transform`).
+OUTPUT_ATTRIBUTE = "AIRRegistration.Output"
 
 #: Attribute Slicer's DICOM scalar-volume loader sets on a volume node: the SOP instance UIDs of its files.
 DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -204,8 +208,10 @@ def add_volume_node_from_image(scene, image: sitk.Image, name: str):
 # --- inputs --------------------------------------------------------------------------------------------
 
 
-def validate_inputs(mr_node, trus_node) -> str | None:
-    """Why registration cannot run with these nodes (text for the disabled button), or None when it can."""
+def validate_inputs(
+    mr_node, trus_node, output_transform_node=None, initial_transform_node=None
+) -> str | None:
+    """Why registration cannot run with these nodes (text for the panel), or None when it can."""
     if mr_node is None or trus_node is None:
         return "Select MR and TRUS volumes"
     if mr_node is trus_node or mr_node.GetID() == trus_node.GetID():
@@ -215,6 +221,55 @@ def validate_inputs(mr_node, trus_node) -> str | None:
             check_volume_node(node, role)
         except InputError as exc:
             return str(exc)
+    return check_output_transform(output_transform_node, mr_node, trus_node, initial_transform_node)
+
+
+def transform_ancestors(node) -> list:
+    """The transform nodes a node is under, nearest first (its parent, the parent's parent, ...)."""
+    chain = []
+    parent = node.GetParentTransformNode()
+    while parent is not None and parent not in chain:
+        chain.append(parent)
+        parent = parent.GetParentTransformNode()
+    return chain
+
+
+def check_output_transform(
+    output_transform_node, mr_node, trus_node, initial_transform_node=None
+) -> str | None:
+    """Why a transform node cannot receive the result, or None when it can (None: a new node is made).
+
+    Writing the result into a transform the MR is under would move the MR too; writing it into the TRUS's
+    current parent (or one of its ancestors), or into the chosen initial transform (or one it is under), would
+    overwrite the "before" placement or the starting alignment. The output of an earlier registration of this
+    TRUS (marked with :data:`OUTPUT_ATTRIBUTE`) may be reused, if the TRUS is under it, directly.
+    """
+    if output_transform_node is None:
+        return None
+    name = output_transform_node.GetName()
+    if output_transform_node in transform_ancestors(mr_node):
+        return (
+            f"Output transform '{name}' would move the MR volume (the MR is under it); "
+            "choose another output transform or 'Create new transform'"
+        )
+    own_result = (
+        output_transform_node.GetAttribute(OUTPUT_ATTRIBUTE) == "1"
+        and output_transform_node.GetNodeReferenceID(output_transform_node.GetMovingNodeReferenceRole())
+        == trus_node.GetID()
+    )
+    trus_chain = transform_ancestors(trus_node)
+    if output_transform_node in trus_chain and not (own_result and trus_chain[0] is output_transform_node):
+        return (
+            f"Output transform '{name}' holds the TRUS volume's current placement (the TRUS is under it); "
+            "choose another output transform or 'Create new transform'"
+        )
+    if initial_transform_node is not None and not own_result:
+        initial_chain = [initial_transform_node, *transform_ancestors(initial_transform_node)]
+        if output_transform_node in initial_chain:
+            return (
+                f"Output transform '{name}' would overwrite the initial transform (the starting alignment); "
+                "choose another output transform or 'Create new transform'"
+            )
     return None
 
 
@@ -233,9 +288,24 @@ def initial_transform_lps(trus_node, initial_transform_node=None) -> np.ndarray 
     return geometry.ras_modeling_to_lps_resampling(to_world)
 
 
-def mr_to_trus_from_transform_node(transform_node) -> np.ndarray:
-    """MR->TRUS LPS resampling matrix held by a registration transform node (its "to world", parents included)."""
-    return geometry.ras_modeling_to_lps_resampling(transform_to_world_ras(transform_node, "output transform"))
+def mr_to_trus_from_transform_node(transform_node, mr_node=None) -> np.ndarray:
+    """MR->TRUS LPS resampling matrix held by a registration transform node (its "to world", parents included).
+
+    With ``mr_node`` the matrix starts from the MR volume's own (file) coordinates, that is, the MR's parent
+    transforms are undone: it maps a point of the MR file to the same point of the TRUS file. Without it, from
+    Slicer's world coordinates.
+    """
+    trus_to_world = transform_to_world_ras(transform_node, "output transform")
+    if mr_node is not None:
+        trus_to_world = (
+            np.linalg.inv(parent_to_world_ras(mr_node, _node_label(mr_node, "MR"))) @ trus_to_world
+        )
+    return geometry.ras_modeling_to_lps_resampling(trus_to_world)
+
+
+def fixed_volume_of(transform_node):
+    """The MR (fixed) volume a registration transform node refers to, or None."""
+    return transform_node.GetNodeReference(transform_node.GetFixedNodeReferenceRole())
 
 
 # --- results -------------------------------------------------------------------------------------------
@@ -249,8 +319,8 @@ def set_registration_result(
     The node gets the RAS modeling ("to parent") matrix so that, with the TRUS volume under it, TRUS is shown
     aligned with MR in world coordinates (if the transform node itself has a parent, that parent is undone).
     Fixed (MR) and moving (TRUS) node references are set with the standard roles. With ``apply_to_moving``
-    the TRUS volume is put under the node; the transform it was under before is remembered for
-    :func:`show_alignment`.
+    the TRUS volume is put under the node; the transform it was under before is kept as a node reference
+    (:data:`PREVIOUS_PARENT_ROLE`) for :func:`show_alignment`.
     """
     mr_to_trus = geometry.check_rigid(mr_to_trus_lps, "registration result")
     to_world = geometry.lps_resampling_to_ras_modeling(mr_to_trus)
@@ -260,10 +330,11 @@ def set_registration_result(
     transform_node.SetMatrixTransformToParent(vtk_matrix_from_array(to_parent))
     transform_node.SetNodeReferenceID(transform_node.GetFixedNodeReferenceRole(), mr_node.GetID())
     transform_node.SetNodeReferenceID(transform_node.GetMovingNodeReferenceRole(), trus_node.GetID())
+    transform_node.SetAttribute(OUTPUT_ATTRIBUTE, "1")
     if apply_to_moving:
         previous = trus_node.GetTransformNodeID()
         if previous != transform_node.GetID():
-            transform_node.SetAttribute(PREVIOUS_PARENT_ATTRIBUTE, previous or "")
+            transform_node.SetNodeReferenceID(PREVIOUS_PARENT_ROLE, previous)
         trus_node.SetAndObserveTransformNodeID(transform_node.GetID())
     return to_parent
 
@@ -329,9 +400,13 @@ def register_volume_nodes(
     has been changed.
     """
     mr, trus = images_from_volume_nodes(mr_node, trus_node, patient_lookup)
+    reason = check_output_transform(output_transform_node, mr_node, trus_node, initial_transform_node)
+    if reason:
+        raise InputError(reason)
     initial = initial_transform_lps(trus_node, initial_transform_node)
     result = registrar.register(mr, trus, initial=initial, progress=progress)
     geometry.check_rigid(result.mr_to_trus, "registration result")
+    check_still_in_scene(mr_node, trus_node, output_transform_node)
     if output_transform_node is None:
         scene = mr_node.GetScene()
         output_transform_node = scene.AddNewNodeByClass(
@@ -339,6 +414,16 @@ def register_volume_nodes(
         )
     set_registration_result(output_transform_node, result.mr_to_trus, mr_node, trus_node)
     return result, output_transform_node
+
+
+def check_still_in_scene(*nodes) -> None:
+    """Raise InputError if a node (None is skipped) left its scene while the registration ran (e.g. the scene
+    was closed, or the node deleted, from the event loop the progress callback runs)."""
+    for node in nodes:
+        if node is not None and node.GetScene() is None:
+            raise InputError(
+                f"'{node.GetName()}' was removed from the scene during the registration; nothing was changed"
+            )
 
 
 def score_volume_nodes(registrar, mr_node, trus_node, patient_lookup: PatientLookup | None = None):
@@ -353,8 +438,7 @@ def show_alignment(trus_node, transform_node, after: bool) -> None:
     if after:
         trus_node.SetAndObserveTransformNodeID(transform_node.GetID())
     else:
-        previous = transform_node.GetAttribute(PREVIOUS_PARENT_ATTRIBUTE) or None
-        trus_node.SetAndObserveTransformNodeID(previous)
+        trus_node.SetAndObserveTransformNodeID(transform_node.GetNodeReferenceID(PREVIOUS_PARENT_ROLE))
 
 
 def setup_fusion_display(
@@ -406,6 +490,13 @@ def export_matrix_text(path: str | os.PathLike, mr_to_trus_lps: np.ndarray, over
     return geometry.write_matrix_text(_check_target(path, overwrite), mr_to_trus_lps, ras_modeling=True)
 
 
+#: What the exported transform, the RAS matrix text and the report's ``mr_to_trus_lps`` map.
+EXPORT_FRAME = (
+    "MR file coordinates -> TRUS file coordinates (LPS mm): the volumes' own coordinates, without the "
+    "transforms they are under in Slicer"
+)
+
+
 def build_report(
     result_report: Mapping[str, Any],
     mr_node,
@@ -413,7 +504,12 @@ def build_report(
     transform_node=None,
     transform_file: str | None = None,
 ) -> dict[str, Any]:
-    """JSON-ready report: the core's report plus input node names, the transform node and the date (UTC)."""
+    """JSON-ready report: the core's report plus input node names, the transform node and the date (UTC).
+
+    ``mr_to_trus_lps`` is given in :data:`EXPORT_FRAME` (what *Save transform* writes); the core's matrix, from
+    Slicer's world coordinates, is kept as ``mr_world_to_trus_lps`` when the MR is under a transform.
+    ``to_parent_ras`` is the transform node's "to world" matrix the scores refer to.
+    """
     report = dict(result_report)
     if transform_file is not None:
         report["transform_file"] = str(transform_file)
@@ -425,8 +521,79 @@ def build_report(
     if transform_node is not None:
         with contextlib.suppress(InputError):
             report["to_parent_ras"] = transform_to_world_ras(transform_node).tolist()
+            if mr_node is not None and mr_node.GetParentTransformNode() is not None:
+                report["mr_world_to_trus_lps"] = report.get("mr_to_trus_lps")
+                report["mr_to_world_ras"] = parent_to_world_ras(mr_node).tolist()
+            report["mr_to_trus_lps"] = mr_to_trus_from_transform_node(transform_node, mr_node).tolist()
+            report["transform_frame"] = EXPORT_FRAME
+    report.setdefault("adjusted_manually", False)
     report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return report
+
+
+#: Report keys describing the alignment after a manual adjustment (see :func:`record_manual_adjustment`).
+ADJUSTED_KEYS = ("d_score", "estimated_tre_mm", "p_error_above_tolerance", "quality", "warning")
+
+
+def record_manual_adjustment(
+    report: Mapping[str, Any], verdict, transform_node, mr_node, warning: str | None = None
+) -> dict[str, Any]:
+    """The report after the output transform was re-scored (``verdict``, a ``QualityResult``) as it is now.
+
+    ``adjusted_manually`` says whether the transform differs from the registration's; if it does, the verdict
+    is stored as ``d_score_adjusted``, ``estimated_tre_mm_adjusted`` ... and the matrices describe the adjusted
+    transform (the registration's stays in ``registered_to_parent_ras``). ``warning`` replaces the verdict's
+    warning (e.g. without PatientIDs).
+    """
+    updated = dict(report)
+    registered = np.asarray(updated.setdefault("registered_to_parent_ras", updated["to_parent_ras"]))
+    current = transform_to_world_ras(transform_node, "output transform")
+    adjusted = not np.allclose(current, registered, atol=1e-6)
+    updated["adjusted_manually"] = adjusted
+    updated["to_parent_ras"] = current.tolist()
+    updated["mr_to_trus_lps"] = mr_to_trus_from_transform_node(transform_node, mr_node).tolist()
+    values = {
+        "d_score": verdict.d_score,
+        "estimated_tre_mm": verdict.estimated_tre_mm,
+        "p_error_above_tolerance": verdict.p_failure,
+        "quality": verdict.quality,
+        "warning": verdict.warning if warning is None else warning,
+    }
+    for key in ADJUSTED_KEYS:
+        updated.pop(f"{key}_adjusted", None)
+        if adjusted:
+            updated[f"{key}_adjusted"] = values[key]
+    return updated
+
+
+def report_matches_transform(report: Mapping[str, Any], transform_node) -> bool:
+    """Whether the report's scores refer to the transform node as it is now (not moved since it was scored)."""
+    scored = report.get("to_parent_ras")
+    if scored is None or transform_node is None:
+        return False
+    try:
+        current = transform_to_world_ras(transform_node)
+    except InputError:
+        return False
+    return bool(np.allclose(current, np.asarray(scored), atol=1e-6))
+
+
+#: The patient warning as the module shows and stores it: saved scenes should not carry PatientIDs.
+DIFFERENT_PATIENTS_WARNING = (
+    "the MR and the TRUS belong to different patients (their DICOM PatientIDs or their patients in the "
+    "Data module differ)"
+)
+
+
+def warning_without_patient_ids(
+    warning: str | None, mr_node, trus_node, lookup: PatientLookup | None
+) -> str | None:
+    """The core's warning, or :data:`DIFFERENT_PATIENTS_WARNING` when it is the patient mismatch (which names
+    both PatientIDs): text the panel shows and the scene saves."""
+    ids = [patient_id_of_node(node, lookup) for node in (mr_node, trus_node)]
+    if warning and None not in ids and ids[0] != ids[1]:
+        return DIFFERENT_PATIENTS_WARNING
+    return warning
 
 
 def write_report(path: str | os.PathLike, report: Mapping[str, Any], overwrite: bool = False) -> Path:

@@ -13,7 +13,9 @@ undoes everything afterwards:
   constructed: the widget needs Qt.
 * ``slicer.parameterNodeWrapper``: ``parameterNodeWrapper`` and ``WithinRange``, storing fields on the scripted
   module node as Slicer's serializers do (nodes as node references, enums by member name, numbers and strings
-  as parameters; defaults from the class body; type and range checks on assignment). No caching, GUI binding
+  as parameters; defaults from the class body; type and range checks on assignment), and observable like
+  Slicer's (``AddObserver``, ``RemoveObserver``, ``Modified``). No caching, GUI binding (the widget tests add
+  one, Testing/widget/pythonqt_shim.py)
   or the other types Slicer supports (lists, dicts, unions, parameter packs): they raise ``TypeError`` here.
 * ``slicer.i18n``: ``tr`` and ``translate`` return the text unchanged.
 * ``slicer.selfTests``: an empty dict, filled by the module class as in Slicer.
@@ -210,6 +212,12 @@ def parameterNodeWrapper(classtype: type) -> type:
     classtype.__init__ = __init__
     classtype.StartModify = lambda self: self.parameterNode.StartModify()
     classtype.EndModify = lambda self, wasModifying: self.parameterNode.EndModify(wasModifying)
+    # as Slicer's wrapper (Base/Python/slicer/parameterNodeWrapper/wrapper.py:357-359, v5.12.3)
+    classtype.AddObserver = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(
+        event, callback, priority
+    )
+    classtype.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
+    classtype.Modified = lambda self: self.parameterNode.Modified()
     return classtype
 
 
@@ -266,8 +274,13 @@ def add_slice_view_composites(scene) -> list:
 
 
 @contextlib.contextmanager
-def slicer_application(module_name: str = "AIRRegistration") -> Iterator[types.ModuleType]:
-    """Install the stand-ins, import the real module file and yield it; undo everything on exit."""
+def slicer_application(
+    module_name: str = "AIRRegistration", prepend_module_dir: bool = True
+) -> Iterator[types.ModuleType]:
+    """Install the stand-ins, import the real module file and yield it; undo everything on exit.
+
+    ``prepend_module_dir=False`` leaves sys.path to the caller (Slicer itself appends the module folder).
+    """
     with pytest.MonkeyPatch.context() as mp:
         scene = slicer.vtkMRMLScene()
         add_slice_view_composites(scene)
@@ -278,7 +291,8 @@ def slicer_application(module_name: str = "AIRRegistration") -> Iterator[types.M
                 mp.setattr(slicer, name.removeprefix("slicer."), module, raising=False)
         mp.setattr(slicer.util, "resetSliceViews", SliceViewResets())
         mp.setattr(slicer, "selfTests", {}, raising=False)
-        mp.syspath_prepend(str(MODULE_DIR))  # Slicer's "additional module paths"
+        if prepend_module_dir:
+            mp.syspath_prepend(str(MODULE_DIR))  # Slicer's "additional module paths"
         previous = sys.modules.pop(module_name, None)
         try:
             yield importlib.import_module(module_name)

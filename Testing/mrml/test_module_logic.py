@@ -181,7 +181,7 @@ def test_self_test(air_module: ModuleType, bundled_model: None, method: str) -> 
             assert composite.GetForegroundVolumeID() == trus.GetID()
         assert slicer.util.resetSliceViews.calls == resets + 1
     elif method == "test_InputValidation":
-        assert transform_nodes(scene) == []
+        assert transform_nodes(scene) == ["MR placement"]  # the refused output transform, left unchanged
 
 
 # --- logic ----------------------------------------------------------------------------------------------
@@ -286,7 +286,9 @@ def test_score_flags_gross_misalignment_and_changes_nothing(
     assert quality.quality == "warning" and quality.warning
     assert p.quality == "warning"
     assert p.statusText.startswith("Current alignment: Warning")
-    assert p.dScoreBefore == f"{quality.d_score:.3f}" and p.dScoreAfter == ""
+    # its own row: the registration's "before" and "after" rows are not overwritten (here a stale value of
+    # no known pair, cleared)
+    assert p.dScoreCurrent == f"{quality.d_score:.3f}" and p.dScoreBefore == "" and p.dScoreAfter == ""
     assert p.outputTransform is None
     assert trus.GetTransformNodeID() == manual.GetID()
     np.testing.assert_array_equal(slicer.util.arrayFromTransformMatrix(manual), to_parent)
