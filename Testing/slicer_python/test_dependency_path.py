@@ -112,6 +112,33 @@ def test_self_test_in_testing_mode_skips_the_registration_tests_clearly(
     assert importlib.util.find_spec("torch") is None
 
 
+def test_slicer_without_packaging_asks_then_uses_pip_install(
+    slicer_app: SimpleNamespace, scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slicer 5.10 has no ``slicer.packaging``: the module asks itself, then calls ``slicer.util.pip_install``;
+    a refusal or a failed install is a MissingDependencyError naming the package."""
+    module, dialogs = slicer_app.module, slicer_app.dialogs
+    monkeypatch.setattr(slicer, "__path__", [p for p in slicer.__path__ if not p.endswith("slicer_addons")])
+    monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    installs: list = []
+    monkeypatch.setattr(slicer.util, "pip_install", installs.append)
+    assert module.slicerPackaging() is None
+    logic = module.AIRRegistrationLogic()
+
+    dialogs.answer = False
+    with pytest.raises(module.MissingDependencyError, match="torch; the install was declined"):
+        logic.ensureCore()
+    assert installs == [] and "torch" in dialogs.confirmations[-1]
+
+    dialogs.answer = True
+    with pytest.raises(
+        module.MissingDependencyError, match=r"missing: torch\.$"
+    ):  # the recorder installs nothing
+        logic.ensureCore()
+    assert installs == [["torch"]]
+
+
 # --- the dependency step installs, then the module works --------------------------------------------------
 
 
