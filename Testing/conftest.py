@@ -24,6 +24,9 @@ TRUS_SIZE = (80, 80, 80)
 TRUS_SPACING = (0.9, 0.9, 0.9)
 LANDMARK_NAMES = ("apex", "base", "left", "right", "anterior", "posterior")
 
+#: Run on their own in a Slicer-like environment without torch (.ci/run; Testing/slicer_python/pytest.ini).
+collect_ignore = ["slicer_python"]
+
 
 @dataclass
 class SyntheticCase:

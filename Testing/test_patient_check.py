@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from airreg import checkpoint, distributed, patient_check, training
+from airreg import checkpoint, distributed, patient_check_training, training
 from airreg.cli import main
 from airreg.errors import InputError, ModelError
 from airreg.evaluation import evaluate
@@ -31,7 +31,7 @@ def two_val_model(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def checked_model(tiny_dataset, two_val_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("patient-check") / "checked.pt"
-    patient_check.train_patient_check(
+    patient_check_training.train_patient_check(
         two_val_model, tiny_dataset, out, steps=4, batch_size=4, check_every=2, device="cpu", progress=False
     )
     return out
@@ -43,7 +43,7 @@ def test_pairs_are_own_and_another_cases_registration_without_repeated_cases(tin
     cache = training.open_cache(next((tiny_run / "cache").glob("train-*")))
     b = trainer.draw_batch(cache, 1, 0, 0)
     b = replace(b, case=torch.tensor([0, 0, 1, 2])[: len(b.case)])  # items 0 and 1 are the same case
-    mr, trus, labels = patient_check.check_pairs(trainer, b)
+    mr, trus, labels = patient_check_training.check_pairs(trainer, b)
     n = len(b.case)
     assert labels.tolist() == [1.0] * n + [0.0] * (n - 1)  # item 1's "other" TRUS is its own case: left out
     assert mr.shape[0] == trus.shape[0] == 2 * n - 1
@@ -157,7 +157,7 @@ def test_cli_trains_the_check(tiny_dataset, two_val_model, tmp_path, capsys):
     assert "patient check written" in capsys.readouterr().out
     assert checkpoint.load(out)["metadata"]["patient_check"]["false_alarm"] == 0.1
     with pytest.raises(InputError, match="false-alarm"):
-        patient_check.train_patient_check(two_val_model, tiny_dataset, out, steps=1, false_alarm=0.0)
+        patient_check_training.train_patient_check(two_val_model, tiny_dataset, out, steps=1, false_alarm=0.0)
 
 
 def test_evaluation_reports_the_checks_false_alarms_and_catches(checked_model, tiny_dataset, tmp_path):

@@ -307,7 +307,7 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_patient_check(args: argparse.Namespace) -> int:
-    from .patient_check import train_patient_check
+    from .patient_check_training import train_patient_check
 
     check_writable(args.out)
     _use_threads(args.threads)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from . import geometry
 from .errors import InputError
@@ -369,6 +368,8 @@ def load_dataset(root: Path, require_gt: bool = True, progress: bool = True) -> 
     folders = list_cases(root)
     if not folders:
         raise InputError(f"{root}: no cases (expected subfolders with mr.* and trus.*, or a µRegPro folder)")
+    from tqdm import tqdm  # here, not at the top: the readers are on the inference path, tqdm is not
+
     return [read_case(f, require_gt) for f in tqdm(folders, desc="reading cases", disable=not progress)]
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from scipy import stats
-from tqdm import tqdm
 
 from . import data, geometry, resampling
 from .config import PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
@@ -118,6 +117,8 @@ def evaluate_cases(
 ) -> tuple[list[dict], list[np.ndarray]]:
     """Per-case rows (TRE and D-score at the start, after one G pass, after the iterative registration) and the
     final MR->TRUS transforms."""
+    from tqdm import tqdm  # here: the Slicer self-test imports this module (random_start) without tqdm
+
     rows, finals = [], []
     for case, start in zip(
         tqdm(cases, desc="evaluating", disable=not progress, unit="case"), starts, strict=True
@@ -161,6 +162,8 @@ def gross_failures(cases: Sequence[data.Case], registrar: Registrar, progress: b
         kind: {"warned": 0, "patient_check": 0, "errors": 0, "cases": len(cases)}
         for kind in ("swapped", "other_patient")
     }
+    from tqdm import tqdm
+
     for i, case in enumerate(tqdm(cases, desc="gross failures", disable=not progress, unit="case")):
         other = cases[(i + 1) % len(cases)]
         for kind, (mr, trus) in (("swapped", (case.trus, case.mr)), ("other_patient", (case.mr, other.trus))):
