@@ -1205,6 +1205,20 @@ class AIRRegistrationTest(ScriptedLoadableModuleTest):
         logic.registerVolumesUsingParameterNode(p)
         self.assertTrue(p.dScoreAfter and p.reportJson)
         logic.showFusion(mr, trus)
+
+        # biopsy targets: the MR landmarks mapped with the result land on the TRUS landmarks within its error
+        from airreg import targets
+
+        mrPoints = np.array([mrXyz for _name, mrXyz, _trusXyz in case.landmarks])
+        trusPoints = np.array([trusXyz for _name, _mrXyz, trusXyz in case.landmarks])
+        p.targetPoints = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MR landmarks")
+        for (name, _mrXyz, _trusXyz), ras in zip(case.landmarks, targets.lps_to_ras(mrPoints), strict=True):
+            p.targetPoints.AddControlPoint([float(v) for v in ras], name)
+        mapped, _labelmap = logic.mapTargetsUsingParameterNode(p)
+        mapped = mrml_bridge.targets_from_markups_node(mapped, world=False).points_lps
+        mrToTrus = mrml_bridge.mr_to_trus_from_transform_node(p.outputTransform)
+        tre = np.linalg.norm(geometry.apply(mrToTrus, mrPoints) - trusPoints, axis=1)
+        np.testing.assert_allclose(np.linalg.norm(mapped - trusPoints, axis=1), tre, atol=1e-4)
         self.delayDisplay("Registration passed")
 
     def test_PoorAlignmentWarning(self):
