@@ -74,6 +74,8 @@ class AIRRegistration(ScriptedLoadableModule):
             "(adversarial image registration), plus a discriminator score (D-score) and an estimated error that "
             "flag poor alignments. The result is a linear transform: the TRUS volume is put under it, and it can "
             "be exported as an ITK transform (LPS), a 4x4 RAS matrix and a JSON report for biopsy planning. "
+            "Biopsy targets on the MR (a point list, a segmentation or a label map) are mapped into TRUS "
+            "coordinates and saved with the report. "
             "It also warns when the two volumes belong to different patients (their DICOM PatientIDs, or the "
             "patients they are filed under in the Data module)."
         )
