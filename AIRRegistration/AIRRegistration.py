@@ -508,7 +508,12 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run(_("Export"), lambda: self.logic.exportReport(p.reportJson, path, p.resultTransform))
 
     def onMapTargets(self) -> None:
-        self._run(_("Map to TRUS"), lambda: self.logic.mapTargetsUsingParameterNode(self._parameterNode))
+        def mapTargets():
+            _points, labelmap = self.logic.mapTargetsUsingParameterNode(self._parameterNode)
+            if labelmap is not None:
+                self.logic.showLabelmap(labelmap)
+
+        self._run(_("Map to TRUS"), mapTargets)
 
     def onExportTargets(self) -> None:
         path = self._saveFileName(
@@ -858,6 +863,12 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
 
         mrml_bridge.setup_fusion_display(slicer.mrmlScene, mrVolumeNode, trusVolumeNode, opacity=0.5)
         slicer.util.resetSliceViews()
+
+    def showLabelmap(self, labelmapNode) -> None:
+        """A (mapped) label map as the label layer of all slice views, over the fusion."""
+        from AIRRegistrationLib import mrml_bridge
+
+        mrml_bridge.show_label_layer(slicer.mrmlScene, labelmapNode)
 
     def showAlignment(self, trusVolumeNode, outputTransformNode, after: bool) -> None:
         from AIRRegistrationLib import mrml_bridge

@@ -470,6 +470,16 @@ def setup_fusion_display(
     return count
 
 
+def show_label_layer(scene, labelmap_node) -> int:
+    """A label map as the label layer of every slice view (the scene's vtkMRMLSliceCompositeNodes, MRML only);
+    returns how many were set."""
+    count = 0
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").SetLabelVolumeID(labelmap_node.GetID())
+        count += 1
+    return count
+
+
 # --- export --------------------------------------------------------------------------------------------
 
 

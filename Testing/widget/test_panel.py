@@ -340,6 +340,13 @@ def test_targets_mapped_and_exported_from_the_panel(panel: Panel, tmp_path: Path
     panel.click("mapTargetsButton")
     points, labels = panel.p.mappedTargets, panel.p.mappedSegmentation
     assert ui.targetsStatusLabel.text == "In TRUS coordinates: lesion targets (TRUS), lesion labels (TRUS)"
+    composites = [
+        slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
+    assert composites and all(
+        c.GetLabelVolumeID() == labels.GetID() for c in composites
+    )  # shown in the views
     trus_points = geometry.apply(TRUTH, MR_TARGETS_LPS)  # the exact registrar's result is the truth
     mapped = mrml_bridge.targets_from_markups_node(points, world=False)
     np.testing.assert_allclose(mapped.points_lps, trus_points, atol=1e-6)
