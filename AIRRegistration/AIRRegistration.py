@@ -962,6 +962,13 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Register first: the targets are mapped with the registration result."))
         if pointsNode is None and segmentationNode is None:
             raise ValueError(_("Select MR targets: a point list, a segmentation or a label map."))
+        for source in (pointsNode, segmentationNode):
+            if source is not None and source.GetAttribute(mrml_bridge.SPACE_ATTRIBUTE) == "TRUS":
+                raise ValueError(
+                    _(
+                        "'{name}' is already in TRUS coordinates (made by Map to TRUS): select the MR's."
+                    ).format(name=source.GetName())
+                )
         mrToTrus = mrml_bridge.mr_to_trus_from_transform_node(transformNode)  # MR world -> TRUS file
         if pointsNode is not None:  # a bad point list is refused before the segmentation is mapped
             mrml_bridge.targets_from_markups_node(pointsNode).mapped(mrToTrus)

@@ -236,7 +236,7 @@ def test_bad_targets_are_refused_and_change_nothing(air_module, scene, case):
     names, mr_points, _ = landmarks(case)
     logic, p = registered(air_module, scene, case, ExactRegistrar(case.gt))
     p.targetPoints = add_points(scene, names, mr_points)
-    logic.mapTargetsUsingParameterNode(p)
+    mapped, _ = logic.mapTargetsUsingParameterNode(p)
     lesions = add_segmentation(scene, case, mr_points[:1])  # valid, not mapped yet
     before = node_state(scene)
     matrix = slicer.util.arrayFromTransformMatrix(p.outputTransform).copy()
@@ -250,7 +250,10 @@ def test_bad_targets_are_refused_and_change_nothing(air_module, scene, case):
     expected = {**before, **{k: v for k, v in node_state(scene).items() if k not in before}}
     with pytest.raises(ValueError, match=r"point list 'half': point 2 \('b'\) is not placed"):
         logic.mapTargetsUsingParameterNode(p)
-    p.targetPoints = p.targetSegmentation = None
+    p.targetPoints, p.targetSegmentation = mapped, None
+    with pytest.raises(ValueError, match=r"'MR targets \(TRUS\)' is already in TRUS coordinates"):
+        logic.mapTargetsUsingParameterNode(p)  # mapping the mapped list again would map it twice
+    p.targetPoints = None
     with pytest.raises(ValueError, match="Select MR targets"):
         logic.mapTargetsUsingParameterNode(p)
     state = node_state(scene)
