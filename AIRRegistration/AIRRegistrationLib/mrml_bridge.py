@@ -15,8 +15,9 @@ Conventions (see ``airreg.geometry``, the only place where conventions are conve
   own linear parent transform composed in).
 
 No function here modifies an input volume node's voxels, geometry or parent transform unless its name says so
-(``set_registration_result(..., apply_to_moving=True)``, ``show_alignment``, ``setup_fusion_display`` which
-changes display settings only).
+(``set_registration_result(..., apply_to_moving=True)``, ``show_alignment``, ``setup_fusion_display`` and
+``show_label_layer`` which change display settings only); the target functions make or update only nodes of
+their own (marked with ``SPACE_ATTRIBUTE``).
 """
 
 from __future__ import annotations
