@@ -14,12 +14,20 @@ import os
 import re
 import sys
 import traceback
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLLinearTransformNode,
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTransformNode,
+)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -70,6 +78,8 @@ class AIRRegistration(ScriptedLoadableModule):
             "(adversarial image registration), plus a discriminator score (D-score) and an estimated error that "
             "flag poor alignments. The result is a linear transform: the TRUS volume is put under it, and it can "
             "be exported as an ITK transform (LPS), a 4x4 RAS matrix and a JSON report for biopsy planning. "
+            "Biopsy targets on the MR (a point list, a segmentation or a label map) are mapped into TRUS "
+            "coordinates and saved with the report. "
             "It also warns when the two volumes belong to different patients (their DICOM PatientIDs, or the "
             "patients they are filed under in the Data module)."
         )
@@ -97,6 +107,28 @@ class Device(enum.Enum):
         return {"auto": _("Auto"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
 
 
+class TargetsFormat(enum.Enum):
+    """File format of exported targets (the value is the file-name ending)."""
+
+    MRK_JSON = ".mrk.json"
+    CSV = ".csv"
+
+    def label(self):
+        return {".mrk.json": _("Slicer point list (.mrk.json)"), ".csv": _("CSV, LPS and RAS (.csv)")}[
+            self.value
+        ]
+
+
+class LabelmapFormat(enum.Enum):
+    """File format of an exported label map (the value is the file-name ending)."""
+
+    NRRD = ".nrrd"
+    NIFTI = ".nii.gz"
+
+    def label(self):
+        return {".nrrd": _("NRRD (.nrrd)"), ".nii.gz": _("NIfTI (.nii.gz)")}[self.value]
+
+
 @parameterNodeWrapper
 class AIRRegistrationParameterNode:
     """Inputs, options and the last result (read-only strings shown in the Results section).
@@ -107,6 +139,8 @@ class AIRRegistrationParameterNode:
     modelPath - AIR-net checkpoint; empty: the bundled model (trained on synthetic phantoms).
     The result fields describe resultMrVolume, resultTrusVolume and resultTransform; they are cleared when the
     selection changes (see AIRRegistrationLogic.clearStaleResults).
+    targetPoints, targetSegmentation - biopsy targets on the MR (a point list; a segmentation or label map).
+    mappedTargets, mappedSegmentation - the nodes *Map to TRUS* made from them (updated by the next mapping).
     """
 
     mrVolume: vtkMRMLScalarVolumeNode
@@ -117,6 +151,13 @@ class AIRRegistrationParameterNode:
     device: Device = Device.AUTO
     iterations: Annotated[int, WithinRange(1, 10)] = 3
     toleranceMm: Annotated[float, WithinRange(0.5, 20)] = 5.0
+    # biopsy targets (None is part of the union, as Slicer's UnionSerializer needs it to store "no node")
+    targetPoints: vtkMRMLMarkupsFiducialNode
+    targetSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
+    mappedTargets: vtkMRMLMarkupsFiducialNode
+    mappedSegmentation: vtkMRMLLabelMapVolumeNode
+    targetsFormat: TargetsFormat = TargetsFormat.MRK_JSON
+    labelmapFormat: LabelmapFormat = LabelmapFormat.NRRD
     # results (written by the logic, shown read-only); result* name the nodes they describe
     resultMrVolume: vtkMRMLScalarVolumeNode
     resultTrusVolume: vtkMRMLScalarVolumeNode
@@ -241,6 +282,8 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportTransformButton.connect("clicked(bool)", self.onExportTransform)
         self.ui.exportMatrixButton.connect("clicked(bool)", self.onExportMatrix)
         self.ui.exportReportButton.connect("clicked(bool)", self.onExportReport)
+        self.ui.mapTargetsButton.connect("clicked(bool)", self.onMapTargets)
+        self.ui.exportTargetsButton.connect("clicked(bool)", self.onExportTargets)
 
         self.initializeParameterNode()
 
@@ -316,6 +359,10 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.initialTransformSelector,
             self.ui.outputTransformSelector,
             self.ui.advancedCollapsibleButton,
+            self.ui.targetPointsSelector,
+            self.ui.targetSegmentationSelector,
+            self.ui.targetsFormatComboBox,
+            self.ui.labelmapFormatComboBox,
         ):
             widget.enabled = idle
 
@@ -337,6 +384,10 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportTransformButton.enabled = p.outputTransform is not None and idle
         self.ui.exportMatrixButton.enabled = p.outputTransform is not None and idle
         self.ui.exportReportButton.enabled = hasResult and idle
+        hasTargets = p.targetPoints is not None or p.targetSegmentation is not None
+        self.ui.mapTargetsButton.enabled = hasResult and hasTargets and idle
+        self.ui.exportTargetsButton.enabled = hasResult and hasTargets and idle
+        self.ui.targetsStatusLabel.text = self.logic.targetsStatus(p, hasResult)
 
     def _showStatus(self, text: str, quality: str) -> None:
         style = {
@@ -478,6 +529,24 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if path:
             self._run(_("Export"), lambda: self.logic.exportReport(p.reportJson, path, p.resultTransform))
+
+    def onMapTargets(self) -> None:
+        def mapTargets():
+            _points, labelmap = self.logic.mapTargetsUsingParameterNode(self._parameterNode)
+            if labelmap is not None:
+                self.logic.showLabelmap(labelmap)
+
+        self._run(_("Map to TRUS"), mapTargets)
+
+    def onExportTargets(self) -> None:
+        path = self._saveFileName(
+            _("Save targets and report (the target files are saved next to it)"),
+            "biopsy_targets_report.json",
+            _("JSON (*.json)"),
+        )
+        p = self._parameterNode
+        if path:
+            self._run(_("Export"), lambda: self.logic.exportTargetsUsingParameterNode(p, path))
 
 
 #
@@ -834,6 +903,12 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
         mrml_bridge.setup_fusion_display(slicer.mrmlScene, mrVolumeNode, trusVolumeNode, opacity=0.5)
         slicer.util.resetSliceViews()
 
+    def showLabelmap(self, labelmapNode) -> None:
+        """A (mapped) label map as the label layer of all slice views, over the fusion."""
+        from AIRRegistrationLib import mrml_bridge
+
+        mrml_bridge.show_label_layer(slicer.mrmlScene, labelmapNode)
+
     def showAlignment(self, trusVolumeNode, outputTransformNode, after: bool) -> None:
         from AIRRegistrationLib import mrml_bridge
 
@@ -902,6 +977,186 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             )
         mrml_bridge.write_report(path, report, overwrite=True)
         self.addLog(_("Saved {path}").format(path=path))
+
+    # --- biopsy targets -------------------------------------------------------------------------------
+
+    def mapTargets(
+        self,
+        pointsNode,
+        segmentationNode,
+        transformNode,
+        trusVolumeNode,
+        previousPoints=None,
+        previousSegmentation=None,
+    ):
+        """Map MR targets into TRUS coordinates with a registration transform as it is now; return the mapped
+        ``(points, labelmap)`` nodes (None for an input not given).
+
+        A previous mapped node of the same source is updated, else a new one is made; both are put under the
+        transform. Every input is checked before any node is made or changed: on a ValueError nothing changed.
+        """
+        from AIRRegistrationLib import mrml_bridge
+
+        if transformNode is None or trusVolumeNode is None:
+            raise ValueError(_("Register first: the targets are mapped with the registration result."))
+        if pointsNode is None and segmentationNode is None:
+            raise ValueError(_("Select MR targets: a point list, a segmentation or a label map."))
+        for source in (pointsNode, segmentationNode):
+            if source is not None and source.GetAttribute(mrml_bridge.SPACE_ATTRIBUTE) == "TRUS":
+                raise ValueError(
+                    _(
+                        "'{name}' is already in TRUS coordinates (made by Map to TRUS): select the MR's."
+                    ).format(name=source.GetName())
+                )
+        mrToTrus = mrml_bridge.mr_to_trus_from_transform_node(transformNode)  # MR world -> TRUS file
+        if pointsNode is not None:  # a bad point list is refused before the segmentation is mapped
+            mrml_bridge.targets_from_markups_node(pointsNode).mapped(mrToTrus)
+        labelmap = points = None
+        if segmentationNode is not None:
+            labelmap = mrml_bridge.map_segmentation_to_trus(
+                segmentationNode,
+                mrToTrus,
+                trusVolumeNode,
+                node=mrml_bridge.reusable_mapped_node(previousSegmentation, segmentationNode),
+            )
+            mrml_bridge.mark_mapped(labelmap, segmentationNode, transformNode)
+        if pointsNode is not None:
+            points = mrml_bridge.map_markups_to_trus(
+                pointsNode,
+                mrToTrus,
+                trusVolumeNode,
+                node=mrml_bridge.reusable_mapped_node(previousPoints, pointsNode),
+            )
+            mrml_bridge.mark_mapped(points, pointsNode, transformNode)
+        return points, labelmap
+
+    def mapTargetsUsingParameterNode(self, parameterNode):
+        """Map the selected MR targets with the current result; the mapped nodes are stored on ``p``."""
+        p = parameterNode
+        if not (p.reportJson and p.resultTransform is not None and self.resultIsCurrent(p)):
+            raise ValueError(_("Register first: the targets are mapped with the registration result."))
+        points, labelmap = self.mapTargets(
+            p.targetPoints,
+            p.targetSegmentation,
+            p.resultTransform,
+            p.resultTrusVolume,
+            p.mappedTargets,
+            p.mappedSegmentation,
+        )
+        with slicer.util.NodeModify(p.parameterNode):
+            if points is not None:
+                p.mappedTargets = points
+            if labelmap is not None:
+                p.mappedSegmentation = labelmap
+        self.addLog(_("Targets mapped to TRUS"))
+        return points, labelmap
+
+    def targetsStatus(self, parameterNode, hasResult: bool) -> str:
+        """One line for the panel: which selected targets are mapped with the current result."""
+        from AIRRegistrationLib import mrml_bridge
+
+        p = parameterNode
+        if p.targetPoints is None and p.targetSegmentation is None:
+            return _("Select a point list or a segmentation on the MR.")
+        if not hasResult:
+            return _("Register first: the targets are mapped with the registration result.")
+        mapped = [
+            mapped.GetName()
+            for source, mapped in (
+                (p.targetPoints, p.mappedTargets),
+                (p.targetSegmentation, p.mappedSegmentation),
+            )
+            if source is not None and mrml_bridge.is_mapped_with(mapped, source, p.resultTransform)
+        ]
+        if not mapped:
+            return _("Not mapped with the current result: click Map to TRUS.")
+        return _("In TRUS coordinates: {names}").format(names=", ".join(mapped))
+
+    def _mappedForExport(self, source, mapped, transformNode):
+        """The mapped node of a selected source, refused when it was not mapped with the transform as it is."""
+        from AIRRegistrationLib import mrml_bridge
+
+        if source is None:
+            return None
+        if not mrml_bridge.is_mapped_with(mapped, source, transformNode):
+            raise ValueError(
+                _("'{name}' is not mapped with the current result: click Map to TRUS first.").format(
+                    name=source.GetName()
+                )
+            )
+        return mapped
+
+    @staticmethod
+    def targetFilePaths(reportPath: str, targetsFormat, labelmapFormat):
+        """``(targets, labelmap)`` paths next to the report: ``<report name>_targets<ending>`` and
+        ``<report name>_labels<ending>``."""
+        report = Path(reportPath)
+        stem = report.name[: -len(report.suffix)] if report.suffix else report.name
+        return (
+            report.with_name(stem + "_targets" + targetsFormat.value),
+            report.with_name(stem + "_labels" + labelmapFormat.value),
+        )
+
+    @staticmethod
+    def _checkTargetFiles(reportPath: str, paths) -> None:
+        """Refuse to replace an existing file, unless the report being replaced names it (the same export):
+        the save dialog only asked about the report."""
+        previous = Path(reportPath)
+        named = set()
+        if previous.is_file():
+            try:
+                old = json.loads(previous.read_text())
+            except (OSError, ValueError):
+                old = {}
+            for key in ("targets", "segmentation"):
+                entry = old.get(key) if isinstance(old, dict) else None
+                if isinstance(entry, dict) and entry.get("output_file"):
+                    named.add(os.path.abspath(entry["output_file"]))
+        for path in paths:
+            if path.exists() and os.path.abspath(path) not in named:
+                raise ValueError(
+                    _(
+                        "{path} exists; choose another report name (the target files are saved next to it)."
+                    ).format(path=path)
+                )
+
+    def exportTargetsUsingParameterNode(self, parameterNode, reportPath: str):
+        """Write the mapped targets, the mapped label map and the JSON report that records their file names
+        (with the model's SHA-256 and the adjusted flag); return the paths written, the report last.
+
+        Refused (ValueError, nothing written) without a current result, when the output transform moved since it
+        was scored, when a selected target is not mapped with the transform as it is, or when a target file
+        would replace an existing file.
+        """
+        from AIRRegistrationLib import mrml_bridge
+
+        p = parameterNode
+        if not (p.reportJson and p.resultTransform is not None and self.resultIsCurrent(p)):
+            raise ValueError(_("No registration result to report yet."))
+        report = json.loads(p.reportJson)
+        if not mrml_bridge.report_matches_transform(report, p.resultTransform):
+            raise ValueError(
+                _("The output transform was moved after it was scored: click Check current alignment first.")
+            )
+        points = self._mappedForExport(p.targetPoints, p.mappedTargets, p.resultTransform)
+        labelmap = self._mappedForExport(p.targetSegmentation, p.mappedSegmentation, p.resultTransform)
+        if points is None and labelmap is None:
+            raise ValueError(_("Select MR targets: a point list, a segmentation or a label map."))
+        targetsPath, labelmapPath = self.targetFilePaths(reportPath, p.targetsFormat, p.labelmapFormat)
+        targetsPath = targetsPath if points is not None else None
+        labelmapPath = labelmapPath if labelmap is not None else None
+        self._checkTargetFiles(reportPath, [path for path in (targetsPath, labelmapPath) if path is not None])
+        written = []
+        if points is not None:
+            written.append(mrml_bridge.export_targets(targetsPath, points, overwrite=True))
+        if labelmap is not None:
+            written.append(mrml_bridge.export_labelmap(labelmapPath, labelmap, overwrite=True))
+        report = mrml_bridge.add_targets_to_report(
+            report, p.targetPoints, targetsPath, p.targetSegmentation, labelmapPath
+        )
+        written.append(mrml_bridge.write_report(reportPath, report, overwrite=True))
+        self.addLog(_("Saved {paths}").format(paths=", ".join(str(path) for path in written)))
+        return written
 
 
 #
@@ -1023,6 +1278,20 @@ class AIRRegistrationTest(ScriptedLoadableModuleTest):
         logic.registerVolumesUsingParameterNode(p)
         self.assertTrue(p.dScoreAfter and p.reportJson)
         logic.showFusion(mr, trus)
+
+        # biopsy targets: the MR landmarks mapped with the result land on the TRUS landmarks within its error
+        from airreg import targets
+
+        mrPoints = np.array([mrXyz for _name, mrXyz, _trusXyz in case.landmarks])
+        trusPoints = np.array([trusXyz for _name, _mrXyz, trusXyz in case.landmarks])
+        p.targetPoints = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MR landmarks")
+        for (name, _mrXyz, _trusXyz), ras in zip(case.landmarks, targets.lps_to_ras(mrPoints), strict=True):
+            p.targetPoints.AddControlPoint([float(v) for v in ras], name)
+        mapped, _labelmap = logic.mapTargetsUsingParameterNode(p)
+        mapped = mrml_bridge.targets_from_markups_node(mapped, world=False).points_lps
+        mrToTrus = mrml_bridge.mr_to_trus_from_transform_node(p.outputTransform)
+        tre = np.linalg.norm(geometry.apply(mrToTrus, mrPoints) - trusPoints, axis=1)
+        np.testing.assert_allclose(np.linalg.norm(mapped - trusPoints, axis=1), tre, atol=1e-4)
         self.delayDisplay("Registration passed")
 
     def test_PoorAlignmentWarning(self):

@@ -28,6 +28,8 @@ STAND_INS = {"qMRMLNodeComboBox": "QComboBox", "ctkCollapsibleButton": "QGroupBo
 EXAMPLE_NODES = {
     "mrVolumeSelector": "Prostate T2 MR",
     "trusVolumeSelector": "3D TRUS sweep",
+    "targetPointsSelector": "Lesion targets",
+    "targetSegmentationSelector": "Lesion segmentation",
 }
 
 SECTION_STYLE = """
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtCore import QBuffer, QByteArray, QIODevice
     from PySide6.QtUiTools import QUiLoader
-    from PySide6.QtWidgets import QApplication, QComboBox, QGroupBox, QPushButton, QWidget
+    from PySide6.QtWidgets import QApplication, QComboBox, QGroupBox, QLabel, QPushButton, QWidget
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setStyle("Fusion")
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     # (see updateGUIFromParameterNode)
     panel.findChild(QPushButton, "applyButton").setEnabled(True)
     panel.findChild(QWidget, "inputHintLabel").hide()
+    # targets selected, no result yet: what AIRRegistrationLogic.targetsStatus says then
+    panel.findChild(QLabel, "targetsStatusLabel").setText(
+        "Register first: the targets are mapped with the registration result."
+    )
     for name, is_collapsed in collapsed.items():
         box = panel.findChild(QGroupBox, name)
         box.setTitle(("\u25b8 " if is_collapsed else "\u25be ") + box.title())

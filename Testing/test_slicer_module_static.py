@@ -91,11 +91,11 @@ def test_ui_sections_and_selectors(ui_tree):
         for n, c in widgets.items()
         if c == "ctkCollapsibleButton"
     }
-    assert set(sections) == {"Inputs", "Advanced", "Results", "Export"}
+    assert set(sections) == {"Inputs", "Advanced", "Results", "Export", "Biopsy targets"}
     advanced = ui_tree.find(".//widget[@name='advancedCollapsibleButton']")
     assert advanced.findtext("property[@name='collapsed']/bool") == "true"
     combos = [n for n, c in widgets.items() if c == "qMRMLNodeComboBox"]
-    assert len(combos) == 4
+    assert len(combos) == 6
     params = parameter_names(ui_tree)
     assert all(n in params for n in combos)
     # every selector follows the scene
@@ -190,6 +190,8 @@ def test_parameter_names_match_parameter_node(ui_tree, module_ast):
         "outputTransform": "vtkMRMLLinearTransformNode",
         "iterations": "Annotated[int, WithinRange(1, 10)]",
         "toleranceMm": "Annotated[float, WithinRange(0.5, 20)]",
+        "targetPoints": "vtkMRMLMarkupsFiducialNode",
+        "targetSegmentation": "Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]",
     }
     for name, annotation in expected.items():
         assert ast.unparse(fields[name]) == annotation
@@ -204,7 +206,7 @@ def test_widget_types_fit_parameter_types(ui_tree, module_ast):
     classes = widget_names(ui_tree)
     for widget, name in parameter_names(ui_tree).items():
         cls, annotation = classes[widget], fields[name]
-        if annotation.startswith("vtkMRML"):
+        if annotation.startswith(("vtkMRML", "Union[vtkMRML")):
             assert cls == "qMRMLNodeComboBox", widget
         elif "int" in annotation:
             assert cls == "QSpinBox", widget
@@ -315,3 +317,18 @@ def test_icons_are_128_png(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (128, 128)
+
+
+def test_node_selectors_list_the_classes_of_their_field(ui_tree, module_ast):
+    """Slicer's parameter-node binding sets a selector's nodeTypes from its field's annotation
+    (qMRMLNodeComboBoxToNodeConnector, parameterNodeWrapper/guiConnectors.py:759, v5.12.3): the .ui must say the
+    same, or the panel lists other nodes than the .ui suggests."""
+    fields = parameter_fields(module_ast)
+    params = parameter_names(ui_tree)
+    for widget in ui_tree.iter("widget"):
+        if widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        types = [s.text for s in widget.findall("property[@name='nodeTypes']/stringlist/string")]
+        annotation = fields[params[widget.get("name")]]
+        names = [n.id for n in ast.walk(annotation) if isinstance(n, ast.Name) and n.id.startswith("vtkMRML")]
+        assert types == names, widget.get("name")

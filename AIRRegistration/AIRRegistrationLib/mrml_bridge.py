@@ -15,8 +15,9 @@ Conventions (see ``airreg.geometry``, the only place where conventions are conve
   own linear parent transform composed in).
 
 No function here modifies an input volume node's voxels, geometry or parent transform unless its name says so
-(``set_registration_result(..., apply_to_moving=True)``, ``show_alignment``, ``setup_fusion_display`` which
-changes display settings only).
+(``set_registration_result(..., apply_to_moving=True)``, ``show_alignment``, ``setup_fusion_display`` and
+``show_label_layer`` which change display settings only); the target functions make or update only nodes of
+their own (marked with ``SPACE_ATTRIBUTE``).
 """
 
 from __future__ import annotations
@@ -470,6 +471,16 @@ def setup_fusion_display(
     return count
 
 
+def show_label_layer(scene, labelmap_node) -> int:
+    """A label map as the label layer of every slice view (the scene's vtkMRMLSliceCompositeNodes, MRML only);
+    returns how many were set."""
+    count = 0
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").SetLabelVolumeID(labelmap_node.GetID())
+        count += 1
+    return count
+
+
 # --- export --------------------------------------------------------------------------------------------
 
 
@@ -658,22 +669,31 @@ def _follow_trus(node, trus_node) -> None:
         node.SetAndObserveTransformNodeID(trus_node.GetTransformNodeID())
 
 
-def map_markups_to_trus(markups_node, mr_to_trus_lps: np.ndarray, trus_node=None, name: str | None = None):
-    """New point list (in the markups node's scene) holding the MR targets in TRUS coordinates.
+def map_markups_to_trus(
+    markups_node, mr_to_trus_lps: np.ndarray, trus_node=None, name: str | None = None, node=None
+):
+    """Point list (in the markups node's scene) holding the MR targets in TRUS coordinates.
 
-    Labels and descriptions are copied; with ``trus_node`` the new list goes under its parent transform.
+    Labels and descriptions are copied; with ``trus_node`` the list goes under its parent transform. With
+    ``node`` (a point list this module mapped, see :func:`reusable_mapped_node`) its points are replaced instead
+    of making a new list; nothing is changed when the input is refused.
     """
     mr_targets = targets_from_markups_node(markups_node)
     mapped = mr_targets.mapped(mr_to_trus_lps)
     scene = markups_node.GetScene()
-    node = scene.AddNewNodeByClass(
-        "vtkMRMLMarkupsFiducialNode", name or scene.GenerateUniqueName(f"{markups_node.GetName()} (TRUS)")
-    )
+    if node is None:
+        node = scene.AddNewNodeByClass(
+            "vtkMRMLMarkupsFiducialNode", name or scene.GenerateUniqueName(f"{markups_node.GetName()} (TRUS)")
+        )
+    was_modifying = node.StartModify()
+    node.RemoveAllControlPoints()
     for i, (label, point) in enumerate(zip(mapped.labels, mapped.points_ras, strict=True)):
         index = node.AddControlPoint([float(v) for v in point], label)
         node.SetNthControlPointDescription(index, markups_node.GetNthControlPointDescription(i))
     node.SetAttribute(SPACE_ATTRIBUTE, "TRUS")
-    node.CreateDefaultDisplayNodes()
+    node.EndModify(was_modifying)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
     _follow_trus(node, trus_node)
     return node
 
@@ -779,12 +799,15 @@ def segment_labels(segmentation_node) -> dict[int, str]:
     }
 
 
-def _segment_color_table(scene, segmentation_node):
-    """New colour table naming and colouring the labels of a mapped segmentation (value i + 1 = segment i)."""
+def _segment_color_table(scene, segmentation_node, table=None):
+    """Colour table naming and colouring the labels of a mapped segmentation (value i + 1 = segment i): a new
+    one, or ``table`` refilled when it is one this module made (:data:`OUTPUT_ATTRIBUTE`)."""
     segmentation = segmentation_node.GetSegmentation()
-    table = scene.AddNewNodeByClass(
-        "vtkMRMLColorTableNode", scene.GenerateUniqueName(f"{segmentation_node.GetName()} (TRUS) colours")
-    )
+    if table is None or not table.IsA("vtkMRMLColorTableNode") or table.GetAttribute(OUTPUT_ATTRIBUTE) != "1":
+        table = scene.AddNewNodeByClass(
+            "vtkMRMLColorTableNode", scene.GenerateUniqueName(f"{segmentation_node.GetName()} (TRUS) colours")
+        )
+        table.SetAttribute(OUTPUT_ATTRIBUTE, "1")
     table.SetTypeToUser()
     table.SetNumberOfColors(segmentation.GetNumberOfSegments() + 1)
     table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
@@ -794,13 +817,16 @@ def _segment_color_table(scene, segmentation_node):
     return table
 
 
-def map_segmentation_to_trus(source_node, mr_to_trus_lps: np.ndarray, trus_node, name: str | None = None):
-    """New label-map volume on the TRUS volume's grid holding a segmentation or label map of the MR.
+def map_segmentation_to_trus(
+    source_node, mr_to_trus_lps: np.ndarray, trus_node, name: str | None = None, node=None
+):
+    """Label-map volume on the TRUS volume's grid holding a segmentation or label map of the MR.
 
     Nearest neighbour, so label values are kept: a label-map node keeps its values (and its colour table);
-    segment i of a segmentation becomes label i + 1 (as Slicer's own export numbers them; a new colour table
-    names them) and a later segment wins where segments overlap. The new node is on the TRUS grid, under the
-    TRUS volume's parent transform.
+    segment i of a segmentation becomes label i + 1 (as Slicer's own export numbers them; a colour table
+    names them) and a later segment wins where segments overlap. The node is on the TRUS grid, under the
+    TRUS volume's parent transform: a new one, or ``node`` (a label map this module mapped) with its voxels
+    replaced. Nothing is changed when the input is refused.
     """
     trus_grid = image_from_volume_node(trus_node, include_parent=False, role="TRUS")
     is_segmentation = source_node is not None and source_node.IsA("vtkMRMLSegmentationNode")
@@ -816,9 +842,13 @@ def map_segmentation_to_trus(source_node, mr_to_trus_lps: np.ndarray, trus_node,
         labels = label_image_from_labelmap_node(source_node)
         on_trus = targets.map_label_image(labels, mr_to_trus_lps, trus_grid)
     scene = trus_node.GetScene()
-    node = _new_labelmap_node(scene, on_trus, name or f"{source_node.GetName()} (TRUS)", trus_node)
+    if node is None:
+        node = _new_labelmap_node(scene, on_trus, name or f"{source_node.GetName()} (TRUS)", trus_node)
+    else:
+        update_volume_node_from_image(node, on_trus)
+        _follow_trus(node, trus_node)
     if is_segmentation:
-        color_node_id = _segment_color_table(scene, source_node).GetID()
+        color_node_id = _segment_color_table(scene, source_node, node.GetDisplayNode().GetColorNode()).GetID()
     else:
         source_display = source_node.GetDisplayNode()
         color_node_id = source_display.GetColorNodeID() if source_display is not None else None
@@ -874,3 +904,41 @@ def add_targets_to_report(
             names = segment_labels(segmentation_source)
             out["segmentation"]["label_names"] = {str(v): names[v] for v in labels if v in names}
     return out
+
+
+# --- which MR node a mapped node comes from, and with which alignment ------------------------------------
+
+#: Node-reference role on a mapped node: the MR point list, segmentation or label map it was mapped from.
+MAPPED_FROM_ROLE = "airRegistrationMappedFrom"
+#: Attribute on a mapped node: the registration transform's "to world" RAS matrix it was mapped with (JSON).
+MAPPED_WITH_ATTRIBUTE = "AIRRegistration.MappedWith"
+
+
+def mark_mapped(node, source_node, transform_node) -> None:
+    """Record on a mapped node its MR source and the alignment used, and put it under the registration
+    transform (so it is shown on the MR targets, also while the TRUS shows its "before" placement)."""
+    node.SetNodeReferenceID(MAPPED_FROM_ROLE, source_node.GetID())
+    node.SetAttribute(MAPPED_WITH_ATTRIBUTE, json.dumps(transform_to_world_ras(transform_node).tolist()))
+    node.SetAndObserveTransformNodeID(transform_node.GetID())
+
+
+def reusable_mapped_node(node, source_node):
+    """``node`` when it is a node this module mapped from ``source_node`` and still in its scene (to update on
+    the next mapping), else None (a new node is made)."""
+    scene = source_node.GetScene() if source_node is not None else None
+    if node is None or scene is None or not scene.IsNodePresent(node):
+        return None
+    same_source = node.GetNodeReferenceID(MAPPED_FROM_ROLE) == source_node.GetID()
+    return node if same_source and node.GetAttribute(SPACE_ATTRIBUTE) == "TRUS" else None
+
+
+def is_mapped_with(node, source_node, transform_node) -> bool:
+    """Whether ``node`` was mapped from ``source_node`` with ``transform_node`` as it is now."""
+    if reusable_mapped_node(node, source_node) is None or transform_node is None:
+        return False
+    used = node.GetAttribute(MAPPED_WITH_ATTRIBUTE)
+    try:
+        current = transform_to_world_ras(transform_node)
+    except InputError:
+        return False
+    return used is not None and bool(np.allclose(np.asarray(json.loads(used)), current, atol=1e-6))

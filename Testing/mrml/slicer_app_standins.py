@@ -138,7 +138,8 @@ class _Field:
 
     def __init__(self, name: str, type_: type, validators: list, default) -> None:
         self.name, self.type, self.validators = name, type_, validators
-        self.is_node = isinstance(type_, type) and issubclass(type_, slicer.vtkMRMLNode)
+        self.node_types = _node_types(type_)
+        self.is_node = bool(self.node_types)
         self.is_enum = isinstance(type_, type) and issubclass(type_, enum.Enum)
         if not (self.is_node or self.is_enum or type_ in (str, int, float, bool)):
             raise TypeError(f"{name}: the stand-in wrapper does not support {type_!r}")
@@ -152,7 +153,7 @@ class _Field:
     def write(self, node, value) -> None:
         if value is None and not self.is_node:
             raise ValueError(f"{self.name}: value must not be None")
-        allowed = (int, float) if self.type is float else self.type
+        allowed = self.node_types if self.is_node else (int, float) if self.type is float else self.type
         if value is not None and not isinstance(value, allowed):
             raise TypeError(f"{self.name}: value must be of type {self.type!r}, is {type(value)!r}")
         for validator in self.validators:
@@ -181,6 +182,22 @@ class _Field:
 
 
 _MISSING = object()
+
+
+def _node_types(type_) -> tuple[type, ...]:
+    """The MRML node classes a field holds: ``(type_,)`` for a node class, the node classes of a
+    ``Union[NodeA, NodeB, None]`` (Slicer's isNodeOrUnionOfNodes, parameterNodeWrapper/util.py, v5.12.3), else
+    ``()``. A union is stored here as one node reference (Slicer's UnionSerializer uses ``name.<index>``)."""
+    if isinstance(type_, type):
+        return (type_,) if issubclass(type_, slicer.vtkMRMLNode) else ()
+    if typing.get_origin(type_) is not typing.Union:
+        return ()
+    args = [arg for arg in typing.get_args(type_) if arg is not type(None)]
+    if type(None) in typing.get_args(type_) and all(
+        isinstance(arg, type) and issubclass(arg, slicer.vtkMRMLNode) for arg in args
+    ):
+        return tuple(args)
+    return ()
 
 
 def _field_property(field: _Field) -> property:

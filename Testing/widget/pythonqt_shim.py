@@ -14,7 +14,7 @@ Slicer's Python talks to Qt through PythonQt; this shim gives the widget what it
   ``mrmlSceneChanged -> setMRMLScene`` connections are made by name.
 * ``connect_gui``: the parameter-node <-> widget binding that Slicer's parameterNodeWrapper makes from the
   ``SlicerParameterName`` properties (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py): node combo
-  boxes, spin boxes, line edits, QLabel (one way), and a QComboBox of an Enum filled with its ``label``s
+  boxes (their ``nodeTypes`` set from the field, as Slicer does), spin boxes, line edits, QLabel (one way), and a QComboBox of an Enum filled with its ``label``s
   (QComboBoxToEnumConnector, guiConnectors.py:466-510).
 * ``ScriptedLoadableModuleWidget``: the base class of Base/Python/slicer/ScriptedLoadableModule.py:88-115
   (a parent qMRMLWidget with a QVBoxLayout, ``resourcePath``), without the developer-mode buttons.
@@ -270,8 +270,14 @@ def connect_gui(wrapper, gui: types.SimpleNamespace) -> Callable[[], None]:
                 elif isinstance(widget, (QtWidgets.QLineEdit, QtWidgets.QLabel)):
                     widget.setText(str(value))
 
+    fields = getattr(type(wrapper), "allParameters", {})
     for widget, name in bound:
         if isinstance(widget, qMRMLNodeComboBox):
+            # Slicer's connector lists the field's node classes (qMRMLNodeComboBoxToNodeConnector.__init__,
+            # guiConnectors.py:759, v5.12.3), whatever the .ui says
+            widget.nodeTypes = (
+                [t.__name__ for t in fields[name].node_types] if name in fields else widget.nodeTypes
+            )
             signal, read = widget.currentNodeChanged, widget.currentNode
         elif isinstance(widget, QtWidgets.QComboBox):
             choices = list(type(getattr(wrapper, name)))

@@ -275,3 +275,143 @@ def test_manual_adjustment_from_the_panel(panel: Panel, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["adjusted_manually"] is True and report["d_score_adjusted"] == pytest.approx(np.exp(-7 / 5))
     assert trus.GetTransformNodeID() == out.GetID()
+
+
+# --- biopsy targets -----------------------------------------------------------------------------------------
+
+
+def add_targets(name: str, points_lps, labels=None):
+    """An MR point list as a user places it (RAS control points)."""
+    from airreg import targets
+
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    for i, point in enumerate(targets.lps_to_ras(np.asarray(points_lps, dtype=float))):
+        node.AddControlPoint([float(v) for v in point], labels[i] if labels else f"T{i + 1}")
+    return node
+
+
+def add_block_labelmap(name: str, value: int):
+    """A label map on the MR grid of ``add_volume`` with a block of ``value`` (voxels i 8-12, j 10-14, k 3-6)."""
+    from AIRRegistrationLib import mrml_bridge
+
+    array = np.zeros((10, 24, 24), np.int16)
+    array[3:7, 10:15, 8:13] = value
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    mrml_bridge.update_volume_node_from_image(node, image)
+    return node
+
+
+def node_states() -> dict[str, tuple]:
+    """Per node ID: node MTime, image MTime (volumes), parent transform; the module's parameter node left out."""
+    scene, state = slicer.mrmlScene, {}
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if node.IsA("vtkMRMLScriptedModuleNode"):
+            continue
+        image = node.GetImageData() if node.IsA("vtkMRMLVolumeNode") else None
+        parent = node.GetTransformNodeID() if node.IsA("vtkMRMLTransformableNode") else None
+        state[node.GetID()] = (node.GetMTime(), image.GetMTime() if image else None, parent)
+    return state
+
+
+MR_TARGETS_LPS = np.array([[10.0, 12.0, 8.0], [14.0, 6.0, 10.0], [6.0, 16.0, 12.0]])
+
+
+def test_targets_mapped_and_exported_from_the_panel(panel: Panel, tmp_path: Path) -> None:
+    from airreg import resampling, targets
+    from AIRRegistrationLib import mrml_bridge
+
+    ui = panel.ui
+    _mr, trus = open_with_pair(panel)
+    add_targets("lesion targets", MR_TARGETS_LPS, ["lesion_1", "lesion_2", "apex"])
+    add_block_labelmap("lesion labels", 3)
+    assert panel.items("targetPointsSelector") == ["None", "lesion targets"]
+    assert panel.items("targetSegmentationSelector") == ["None", "lesion labels"]  # no MR or TRUS volume
+    panel.select("targetPointsSelector", "lesion targets")
+    panel.select("targetSegmentationSelector", "lesion labels")
+    assert not ui.mapTargetsButton.enabled and not ui.exportTargetsButton.enabled
+    assert ui.targetsStatusLabel.text.startswith("Register first")
+
+    panel.click("applyButton")
+    assert ui.mapTargetsButton.enabled and ui.exportTargetsButton.enabled
+    assert ui.targetsStatusLabel.text == "Not mapped with the current result: click Map to TRUS."
+    panel.click("mapTargetsButton")
+    points, labels = panel.p.mappedTargets, panel.p.mappedSegmentation
+    assert ui.targetsStatusLabel.text == "In TRUS coordinates: lesion targets (TRUS), lesion labels (TRUS)"
+    composites = [
+        slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
+    assert composites and all(
+        c.GetLabelVolumeID() == labels.GetID() for c in composites
+    )  # shown in the views
+    trus_points = geometry.apply(TRUTH, MR_TARGETS_LPS)  # the exact registrar's result is the truth
+    mapped = mrml_bridge.targets_from_markups_node(points, world=False)
+    np.testing.assert_allclose(mapped.points_lps, trus_points, atol=1e-6)
+    assert mapped.labels == ("lesion_1", "lesion_2", "apex")
+    world = mrml_bridge.targets_from_markups_node(points, world=True).points_lps
+    np.testing.assert_allclose(world, MR_TARGETS_LPS, atol=1e-6)  # shown on the MR targets
+    on_trus = mrml_bridge.label_image_from_labelmap_node(labels, include_parent=False)
+    assert on_trus.GetSize() == mrml_bridge.image_from_volume_node(trus, include_parent=False).GetSize()
+    block = geometry.apply(np.diag([1.0, 1.0, 2.0, 1.0]), np.array([10.0, 12.0, 4.5]))  # the block's centre
+    index = np.argwhere(sitk.GetArrayFromImage(on_trus) == 3)[:, ::-1].astype(float)
+    centroid = geometry.apply(resampling.index_to_world(on_trus), index).mean(axis=0)
+    assert np.linalg.norm(centroid - geometry.apply(TRUTH, block)) < 2.0  # within a voxel (2 mm)
+
+    panel.click("mapTargetsButton")  # again: the same nodes are updated
+    assert (panel.p.mappedTargets.GetID(), panel.p.mappedSegmentation.GetID()) == (
+        points.GetID(),
+        labels.GetID(),
+    )
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 2
+
+    panel.ui.targetsFormatComboBox.qobject.setCurrentIndex(1)  # CSV
+    assert panel.items("labelmapFormatComboBox") == ["NRRD (.nrrd)", "NIfTI (.nii.gz)"]
+    panel.ui.labelmapFormatComboBox.qobject.setCurrentIndex(1)
+    panel.recorder.save_paths.append(str(tmp_path / "biopsy.json"))
+    panel.click("exportTargetsButton")
+    assert panel.recorder.errors == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "biopsy.json",
+        "biopsy_labels.nii.gz",
+        "biopsy_targets.csv",
+    ]
+    report = json.loads((tmp_path / "biopsy.json").read_text())
+    assert report["model_sha256"] == "0" * 64 and report["adjusted_manually"] is False
+    assert report["targets"]["output_file"] == str(tmp_path / "biopsy_targets.csv")
+    assert report["segmentation"]["output_file"] == str(tmp_path / "biopsy_labels.nii.gz")
+    assert report["segmentation"]["labels"] == [3]
+    read = targets.read_targets(tmp_path / "biopsy_targets.csv", space="TRUS")
+    np.testing.assert_allclose(read.points_lps, trus_points, atol=1e-6)
+
+
+def test_bad_targets_give_a_panel_message_and_change_nothing(panel: Panel, tmp_path: Path) -> None:
+    ui = panel.ui
+    open_with_pair(panel)
+    add_targets("plan", MR_TARGETS_LPS)
+    panel.select("targetPointsSelector", "plan")
+    panel.click("applyButton")
+    panel.click("mapTargetsButton")
+    half = add_targets("half placed", MR_TARGETS_LPS[:2])
+    half.UnsetNthControlPointPosition(1)
+    add_block_labelmap("lesion labels", 2)
+    panel.select("targetPointsSelector", "half placed")
+    panel.select("targetSegmentationSelector", "lesion labels")
+    before = node_states()
+    matrix = slicer.util.arrayFromTransformMatrix(panel.p.outputTransform).copy()
+
+    panel.click("mapTargetsButton")
+    assert ui.statusLabel.text == "Map to TRUS failed: point list 'half placed': point 2 ('T2') is not placed"
+    assert panel.recorder.errors == []  # no traceback dialog
+    assert node_states() == before  # no node added, modified or moved (the label map was not mapped either)
+    np.testing.assert_array_equal(slicer.util.arrayFromTransformMatrix(panel.p.outputTransform), matrix)
+    assert ui.mapTargetsButton.enabled and ui.applyButton.enabled  # usable again
+
+    panel.recorder.save_paths.append(str(tmp_path / "report.json"))
+    panel.click("exportTargetsButton")
+    assert ui.statusLabel.text == (
+        "Export failed: 'half placed' is not mapped with the current result: click Map to TRUS first."
+    )
+    assert list(tmp_path.iterdir()) == [] and node_states() == before
