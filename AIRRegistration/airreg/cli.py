@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deform", action="store_true", help="add a mild probe-pressure deformation to the TRUS")
     p.add_argument(
+        "--family",
+        choices=("classic", "synth", "mixture"),
+        default="classic",
+        help="classic: the anatomical phantom; synth: label-driven, randomised (docs/phantoms.md); "
+        "mixture: even cases classic, odd cases synth",
+    )
+    p.add_argument(
         "--preview", action="store_true", help="also write preview.png (MR grey, TRUS colour) per case"
     )
 
@@ -221,7 +228,7 @@ def _pair_arguments(p: argparse.ArgumentParser) -> None:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import generate_dataset, write_preview
 
-    folders = generate_dataset(args.out, args.cases, args.seed, deform=args.deform)
+    folders = generate_dataset(args.out, args.cases, args.seed, deform=args.deform, family=args.family)
     if args.preview:
         for folder in folders:
             write_preview(folder, folder / "preview.png")

@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import geometry
+from .errors import InputError
 from .fileio import atomic_path, write_text
 
 # name: (T2 intensity, T2 texture (relative std), echogenicity, scatterer density, impedance MRayl,
@@ -1016,16 +1017,34 @@ def write_case(case: PhantomCase, folder: Path) -> Path:
     return folder
 
 
+#: Phantom families: ``classic`` (this module), ``synth`` (:mod:`airreg.phantom_synth`, label-driven) and
+#: ``mixture`` (even cases classic, odd cases synth).
+FAMILIES = ("classic", "synth", "mixture")
+
+
+def case_generator(family: str, index: int = 0):
+    """The ``generate_case(seed, deform)`` function that makes case ``index`` of a family."""
+    if family not in FAMILIES:
+        raise InputError(f"unknown phantom family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family == "synth" or (family == "mixture" and index % 2 == 1):
+        from .phantom_synth import generate_case as synth_case
+
+        return synth_case
+    return generate_case
+
+
 def generate_dataset(
-    out: Path, cases: int, seed: int, deform: bool = False, progress: bool = True
+    out: Path, cases: int, seed: int, deform: bool = False, progress: bool = True, family: str = "classic"
 ) -> list[Path]:
-    """Write ``cases`` case folders ``out/case0000`` ...; case ``i`` uses ``SeedSequence(seed, spawn_key=(i,))``."""
+    """Write ``cases`` case folders ``out/case0000`` ... of a family (:data:`FAMILIES`); case ``i`` uses
+    ``SeedSequence(seed, spawn_key=(i,))``."""
     from tqdm import tqdm
 
     out = Path(out)
+    generators = [case_generator(family, i) for i in range(cases)]
     folders = []
-    for i in tqdm(range(cases), desc="phantom cases", unit="case", disable=not progress):
-        case = generate_case(np.random.SeedSequence(seed, spawn_key=(i,)), deform=deform)
+    for i in tqdm(range(cases), desc=f"{family} phantom cases", unit="case", disable=not progress):
+        case = generators[i](np.random.SeedSequence(seed, spawn_key=(i,)), deform=deform)
         folders.append(write_case(case, out / f"case{i:04d}"))
     return folders
 
