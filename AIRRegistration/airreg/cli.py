@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, required=True, help="run folder: checkpoints, log.csv, loss_curves.png, model.pt"
     )
-    p.add_argument("--preset", default="default", help="paper, default or tiny")
+    p.add_argument(
+        "--preset", default="default", help="paper, default, tiny or general (default + augmentation)"
+    )
     p.add_argument(
         "--dof",
         type=int,
@@ -77,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gp-weight", type=float, default=10.0, help="weight of the gradient penalty")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="intensity augmentation of the batches (gamma, bias, blur, noise, MR inversion); default: the "
+        "preset's (on for general only)",
+    )
     p.add_argument("--resume", type=Path, help="continue from a training checkpoint (last.pt)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
@@ -237,9 +245,12 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig, preset
+    from .config import PRESET_TRAINING, TrainConfig, preset
     from .training import train
 
+    augment = (
+        PRESET_TRAINING.get(args.preset, {}).get("augment", False) if args.augment is None else args.augment
+    )
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -254,6 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         compile=args.compile,
         num_threads=args.threads,
+        augment=augment,
     )
     model = train(args.data, args.out, preset(args.preset, args.dof), cfg, args.resume, args.device)
     if os.environ.get("RANK", "0") == "0":

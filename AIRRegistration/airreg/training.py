@@ -37,8 +37,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import augmentation, data, distributed, preprocessing, resampling, scoring
 from . import checkpoint as ckpt
-from . import data, distributed, preprocessing, resampling, scoring
 from .config import (
     CriticConstraint,
     CriticObjective,
@@ -251,10 +251,20 @@ class Trainer:
         mix = shard(torch.rand(global_bs, generator=gen), self.ctx).to(self.ctx.device)
         index, params = shard(index, self.ctx), shard(params, self.ctx).to(self.ctx.device)
         mr, trus, pts = cache.batch(index, self.ctx.device)
+        if self.cfg.augment:
+            mr, trus = self.augment(gen, mr, trus)
         perturb = resampling.rigid_matrices(params, self.model.dof)
         target = resampling.matrix_params(resampling.invert_rigid(perturb), self.model.dof)
         case = torch.as_tensor(index, device=self.ctx.device)
         return Batch(mr, trus, pts, perturb, target, magnitude, mix, case)
+
+    def augment(self, gen: torch.Generator, mr: torch.Tensor, trus: torch.Tensor):
+        """This rank's share of one intensity-augmentation draw per case of the global batch (MR, TRUS cache)."""
+        n, spec = self.global_batch_size, augmentation.AugmentSpec()
+        share = slice(self.ctx.rank * len(mr), (self.ctx.rank + 1) * len(mr))
+        mr_draw = augmentation.draw(gen, n, spec, invertible=True).select(share)
+        trus_draw = augmentation.draw(gen, n, spec, invertible=False).select(share)
+        return augmentation.apply(mr, mr_draw, fan=False), augmentation.apply(trus, trus_draw, fan=True)
 
     @property
     def global_batch_size(self) -> int:
