@@ -186,3 +186,11 @@ def test_cli_phantom_family(tmp_path, capsys):
 def test_unknown_family_is_an_input_error():
     with pytest.raises(phantom.InputError, match="unknown phantom family 'x'"):
         phantom.case_generator("x")
+
+
+def test_write_gallery_of_both_families(folders, tmp_path):
+    classic = phantom.write_case(phantom.generate_case(1), tmp_path / "classic")
+    png = phantom.write_gallery([classic, folders["seed7"]], tmp_path / "gallery.png")
+    image = sitk.ReadImage(str(png))
+    assert image.GetSize() == (2 * 208, 432)  # 2.6 x 5.4 inches per column at 80 dpi
+    assert np.asarray(sitk.GetArrayViewFromImage(image)).std() > 20

@@ -1101,3 +1101,46 @@ def write_preview(case_folder: Path, png: Path) -> Path:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return png
+
+
+def _gallery_caption(params: dict, mr: sitk.Image) -> str:
+    """Two lines of a case's drawn values for a gallery panel (either family)."""
+    s = mr.GetSpacing()
+    trus = params.get("trus", {})
+    return (
+        f"{params.get('family', 'classic')}: MR {s[0]:.2f}x{s[1]:.2f}x{s[2]:.1f} mm\n"
+        f"fan {2 * trus.get('half_angle_deg', 0):.0f} deg, {trus.get('frequency_mhz', 0):.1f} MHz"
+    )
+
+
+def write_gallery(case_folders: list[Path], png: Path) -> Path:
+    """PNG with one column per case: the MR slice through the gland's centre (outline in green) above the native
+    TRUS slice nearest the same point, each case's spacing and fan in the caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(case_folders), figsize=(2.6 * len(case_folders), 5.4), squeeze=False)
+    for column, folder in zip(axes.T, case_folders, strict=True):
+        folder = Path(folder)
+        mr = sitk.ReadImage(str(folder / "mr.nii.gz"), sitk.sitkFloat32)
+        trus = sitk.ReadImage(str(folder / "trus.nii.gz"))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mr_prostate.nii.gz")))
+        k, rows, cols = (int(round(v.mean())) for v in np.nonzero(mask))
+        centre = mr.TransformContinuousIndexToPhysicalPoint([float(cols), float(rows), float(k)])
+        mr_arr = sitk.GetArrayFromImage(mr)[k]
+        column[0].imshow(mr_arr, cmap="gray", vmin=0, vmax=float(np.percentile(mr_arr, 99.5)))
+        column[0].contour(mask[k], levels=[0.5], colors="lime", linewidths=0.6)
+        trus_k = _trus_slice_at(trus, geometry.read_transform(folder / "gt.tfm"), centre)
+        column[1].imshow(sitk.GetArrayFromImage(trus)[trus_k], cmap="gray", vmin=0, vmax=255, origin="lower")
+        params = json.loads((folder / "case.json").read_text())
+        column[0].set_title(_gallery_caption(params, mr), fontsize=8)
+        for ax in column:
+            ax.set_axis_off()
+    fig.tight_layout()
+    png = Path(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return png
