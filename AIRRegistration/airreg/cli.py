@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes)")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="0: one pass over the training cases")
-    p.add_argument("--lr-g", type=float, default=3e-4)
-    p.add_argument("--lr-d", type=float, default=1e-4)
+    p.add_argument("--lr-g", type=float, help="generator learning rate (3e-4; a tenth with --init-from)")
+    p.add_argument("--lr-d", type=float, help="critic learning rate (1e-4; a tenth with --init-from)")
     p.add_argument(
         "--lambda-param", type=float, default=1.0, help="weight of the parameter distance in G's loss"
     )
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "preset's (on for general only)",
     )
     p.add_argument("--resume", type=Path, help="continue from a training checkpoint (last.pt)")
+    p.add_argument(
+        "--init-from",
+        help="fine-tune: start from a trained model (file, or bundled name phantom-3dof / phantom-6dof) with the "
+        "fine-tune learning-rate schedule (docs/training.md)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
@@ -245,7 +250,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import PRESET_TRAINING, TrainConfig, preset
+    from dataclasses import replace
+
+    from .config import PRESET_TRAINING, TrainConfig, fine_tune_schedule, preset
     from .training import train
 
     augment = (
@@ -255,8 +262,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch,
-        lr_g=args.lr_g,
-        lr_d=args.lr_d,
         lambda_param=args.lambda_param,
         d_fakes=args.d_fakes,
         critic_constraint=args.critic_constraint,
@@ -267,7 +272,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         augment=augment,
     )
-    model = train(args.data, args.out, preset(args.preset, args.dof), cfg, args.resume, args.device)
+    if args.init_from is not None:
+        cfg = fine_tune_schedule(cfg)
+    cfg = replace(cfg, **{k: v for k, v in (("lr_g", args.lr_g), ("lr_d", args.lr_d)) if v is not None})
+    model_config = preset(args.preset, args.dof)
+    model = train(args.data, args.out, model_config, cfg, args.resume, args.device, init_from=args.init_from)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {model}")
     return 0
@@ -358,7 +367,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         overlay_png(
             registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
         )
-    _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}")
+    _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}", registrar)
     if _is_bundled(args.model):
         print(DISCLAIMER)
     return 0
@@ -372,7 +381,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
     registrar = Registrar.from_checkpoint(args.model, args.device, tolerance_mm=args.tolerance)
     verdict = registrar.score(mr, trus, read_transform(args.transform))
-    _print_verdict(verdict, f"D-score {verdict.d_score:.2f}")
+    _print_verdict(verdict, f"D-score {verdict.d_score:.2f}", registrar)
     if _is_bundled(args.model):
         print(DISCLAIMER)
     return 0
@@ -385,12 +394,14 @@ def _is_bundled(model: Path | None) -> bool:
     return resolve(model).parent == default_model_path().parent
 
 
-def _print_verdict(verdict, head: str) -> None:
+def _print_verdict(verdict, head: str, registrar) -> None:
     score = verdict.same_patient_score
     same = "" if score is None else f"; same-patient score {score:.2f}"
     print(f"{head}; estimated error {verdict.estimated_tre_mm:.1f} mm{same}; quality: {verdict.quality}")
     if verdict.warning:
         print(f"WARNING: {verdict.warning}")
+    if registrar.flag_note:
+        print(f"WARNING: {registrar.flag_note}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -133,6 +133,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the networks (CUDA)
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     augment: bool = False  # intensity augmentation of each batch (airreg.augmentation); geometry unchanged
+    lr_warmup_epochs: int = 0  # linear warm-up of the learning rates over the first epochs (fine-tuning)
 
     def __post_init__(self) -> None:
         if isinstance(self.d_fakes, str):
@@ -151,6 +152,20 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         return cls(**data)
+
+
+#: A fine-tune (``airreg train --init-from``) starts from trained weights: this share of the learning rates.
+FINE_TUNE_LR_SCALE = 0.1
+
+
+def fine_tune_schedule(cfg: TrainConfig) -> TrainConfig:
+    """The learning-rate schedule of a fine-tune: a tenth of the rates, warmed up over the first tenth of the
+    epochs (at least one), then the usual cosine decay. Large updates would first undo what the trained weights
+    know; the warm-up lets Adam's fresh moment estimates settle before full steps."""
+    scale = FINE_TUNE_LR_SCALE
+    return replace(
+        cfg, lr_g=cfg.lr_g * scale, lr_d=cfg.lr_d * scale, lr_warmup_epochs=max(1, cfg.epochs // 10)
+    )
 
 
 PRESETS: dict[str, ModelConfig] = {
