@@ -161,12 +161,38 @@ def test_images_are_valid_cases_with_contrast(folders):
     assert trus[~trus_mask].mean() != pytest.approx(trus[trus_mask].mean(), rel=0.02)
 
 
-def test_mixture_folder_reads_as_one_dataset(tmp_path):
-    folders = phantom.generate_dataset(tmp_path, 2, seed=5, family="mixture", progress=False)
-    families = [json.loads((f / "case.json").read_text()).get("family", "classic") for f in folders]
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixture")
+    phantom.generate_dataset(root, 2, seed=5, family="mixture", progress=False)
+    return root
+
+
+def test_mixture_folder_reads_as_one_dataset(mixture):
+    families = [
+        json.loads((f / "case.json").read_text()).get("family", "classic") for f in sorted(mixture.iterdir())
+    ]
     assert families == ["classic", "synth"]
-    cases = data.load_dataset(tmp_path, progress=False)
+    cases = data.load_dataset(mixture, progress=False)
     assert [c.case_id for c in cases] == ["case0000", "case0001"] and all(c.gt is not None for c in cases)
+
+
+def test_train_and_evaluate_on_a_mixed_folder(mixture, tmp_path, capsys):
+    run, options = tmp_path / "run", ["--device", "cpu"]
+    train = ["train", "--data", str(mixture), "--out", str(run), "--preset", "tiny", "--epochs", "1"]
+    assert cli.main([*train, "--steps-per-epoch", "1", "--batch-size", "2", "--augment", *options]) == 0
+    evaluate = [
+        "evaluate",
+        "--data",
+        str(mixture),
+        "--model",
+        str(run / "model.pt"),
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert cli.main([*evaluate, "--overlays", "0", "--iterations", "1", *options]) == 0
+    rows = (tmp_path / "e" / "cases.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("case0000") and rows[2].startswith("case0001")
 
 
 def test_cli_phantom_family(tmp_path, capsys):
