@@ -125,4 +125,6 @@ def test_evaluate_summary_says_flag_not_calibrated(tiny_dataset, tiny_model, tmp
     assert main([*args, "--overlays", "0", "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flag_calibrated"] is False
-    assert f"**WARNING: {checkpoint.FLAG_NOT_CALIBRATED}.**" in (out / "summary.md").read_text()
+    assert f"**WARNING: {checkpoint.FLAG_NOT_CALIBRATED}.**" in (out / "summary.md").read_text(
+        encoding="utf-8"
+    )

@@ -131,7 +131,9 @@ def test_drawn_values_lie_within_the_knobs(folders, seed):
 
     assert inside(mr["spacing_mm"][0], knobs.mr_inplane_mm) and mr["spacing_mm"][0] == mr["spacing_mm"][1]
     assert inside(mr["spacing_mm"][2], knobs.mr_slice_mm)
-    assert inside(mr["size"][0] * mr["spacing_mm"][0], (knobs.mr_fov_mm[0] - 1, knobs.mr_fov_mm[1] + 1))
+    assert inside(mr["fov_drawn_mm"], knobs.mr_fov_mm)
+    assert mr["size"][0] * mr["spacing_mm"][0] >= min(mr["fov_drawn_mm"], 320 * mr["spacing_mm"][0]) - 1
+    assert inside(mr["spacing_mm"][0], (max(knobs.mr_inplane_mm[0], 0.75 - 0.15 * mr["spacing_mm"][2]), 0.9))
     assert inside(abs(mr["oblique_deg"][0]), (0, knobs.mr_oblique_deg[1]))
     assert inside(trus["half_angle_deg"], knobs.fan_half_angle_deg)
     assert inside(trus["frequency_mhz"], knobs.frequency_mhz)

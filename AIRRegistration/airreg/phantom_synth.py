@@ -152,6 +152,7 @@ class _MRGeometry:
     grid: _Grid
     spacing: np.ndarray  # (x, y, z) mm
     direction: np.ndarray  # columns: the voxel axes in LPS
+    fov_drawn: float  # mm; the grid's is larger when the gland needs it
 
 
 def _draw_gland(rng: np.random.Generator, knobs: SynthKnobs) -> dict:
@@ -170,23 +171,37 @@ def _draw_gland(rng: np.random.Generator, knobs: SynthKnobs) -> dict:
 
 
 def _draw_mr(rng: np.random.Generator, knobs: SynthKnobs, gland: dict) -> _MRGeometry:
-    """An MR grid covering the gland: random spacing, field of view, slab and oblique direction."""
-    s_xy, s_z = _draw(rng, knobs.mr_inplane_mm), _draw(rng, knobs.mr_slice_mm)
-    n = int(np.clip(round(_draw(rng, knobs.mr_fov_mm) / s_xy), 96, 320))
-    slab = 2 * gland["radii"][2] + rng.uniform(15, 50)
-    nz = int(np.clip(round(slab / s_z), 12, 6_000_000 // (n * n)))
+    """An MR grid covering the gland: random spacing, field of view, slab and oblique direction.
+
+    In-plane spacing finer than ``0.75 - 0.15 * slice`` mm is only drawn with thick slices (as in clinical T2
+    protocols: thin slices come with near-isotropic voxels), which keeps volumes to a few million voxels; the
+    field of view and the slab grow beyond the drawn ones when the gland would not fit.
+    """
+    s_z = _draw(rng, knobs.mr_slice_mm)
+    low, high = knobs.mr_inplane_mm
+    s_xy = rng.uniform(min(max(low, 0.75 - 0.15 * s_z), high), high)
+    fov = _draw(rng, knobs.mr_fov_mm)
     tilt = _draw(rng, knobs.mr_oblique_deg)
     direction = geometry.rotation_matrix([tilt, tilt / 3 * rng.uniform(-1, 1), tilt / 3 * rng.uniform(-1, 1)])
+    in_plane = max(_reach(gland, direction[:, 0]), _reach(gland, direction[:, 1]))
+    n = max(int(np.clip(round(fov / s_xy), 96, 320)), int(np.ceil((2 * in_plane + 30) / s_xy)))
+    nz = max(12, round((2 * _reach(gland, direction[:, 2]) + 8 + rng.uniform(10, 40)) / s_z))
     spacing = np.array([s_xy, s_xy, s_z])
     centre_index = (np.array([n, n, nz]) - 1) / 2 + rng.uniform(-10, 10, 3) / spacing * [1, 1, 0.3]
     origin = gland["center"] - direction @ (spacing * centre_index)
     index_to_world = geometry.homogeneous(direction @ np.diag(spacing), origin)
-    return _MRGeometry(_Grid(index_to_world, (nz, n, n)), spacing, direction)
+    return _MRGeometry(_Grid(index_to_world, (nz, n, n)), spacing, direction, fov)
 
 
 def _extent(gland: dict, direction: np.ndarray) -> float:
     """Half-extent (mm) of the gland's ellipsoid along a unit direction."""
     return float(np.linalg.norm(gland["radii"] * (gland["rotation"].T @ direction)))
+
+
+def _reach(gland: dict, direction: np.ndarray) -> float:
+    """A bound (mm) on the irregular gland's half-extent: the field (unit std) rarely goes below -3, where the
+    level ``|q|^2 + a f < 1`` reaches ``|q| = sqrt(1 + 3a)``."""
+    return _extent(gland, direction) * float(np.sqrt(1 + 3 * gland["irregularity"]))
 
 
 def _draw_probe(rng: np.random.Generator, knobs: SynthKnobs, gland: dict) -> tuple[np.ndarray, dict]:
@@ -209,15 +224,15 @@ def _draw_probe(rng: np.random.Generator, knobs: SynthKnobs, gland: dict) -> tup
 def _draw_fan(rng: np.random.Generator, knobs: SynthKnobs, gland: dict, probe: np.ndarray, radius: float):
     """The TRUS grid and fan (probe coordinates): wide and deep enough for the gland, capped at 4 M voxels."""
     centre = geometry.apply(geometry.invert(probe), gland["center"])
-    lateral = abs(centre[0]) + _extent(gland, probe[:3, 0]) + 3
+    lateral = abs(centre[0]) + _reach(gland, probe[:3, 0]) + 3
     low, high = np.deg2rad(knobs.fan_half_angle_deg)
     half_angle = rng.uniform(min(max(low, np.arctan2(lateral, centre[1])), high), high)
-    needed = centre[1] + _extent(gland, probe[:3, 1]) + 8
+    needed = centre[1] + _reach(gland, probe[:3, 1]) + 8
     r_max = max(_draw(rng, knobs.fan_depth_mm), needed)
     spacing = _draw(rng, knobs.trus_spacing_mm)
     half_width = r_max * np.sin(min(half_angle, np.pi / 2)) + 2
     y0 = radius * np.cos(half_angle) - 2
-    length = 2 * _extent(gland, probe[:3, 2]) + rng.uniform(20, 40)
+    length = 2 * _reach(gland, probe[:3, 2]) + rng.uniform(20, 40)
     box = np.array([2 * half_width, r_max - y0, length])
     spacing = max(spacing, float(np.cbrt(box.prod() / 4e6)))
     size = tuple(int(round(b / spacing)) + 1 for b in box)
@@ -703,6 +718,7 @@ def _case_params(ss: np.random.SeedSequence, deform: bool, knobs: SynthKnobs, dr
         "mr": {
             "size": mr.grid.shape[::-1],
             "spacing_mm": mr.spacing,
+            "fov_drawn_mm": mr.fov_drawn,
             "index_to_world": mr.grid.index_to_world,
             "oblique_deg": geometry.euler_angles(mr.direction),
             **{k: look[k] for k in ("t2_like", "blur_mm", "bias", "noise", "gamma", "texture_mm")},
