@@ -794,7 +794,9 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.samePatient = self.samePatientText(result.after)
             p.elapsed = f"{result.seconds:.1f} s"
             p.quality = result.quality
-            p.statusText = self.statusText(result.quality, warning) + self.deviceNote(p.device, result.device)
+            p.statusText = self.statusText(result.quality, warning, result.flag_note) + self.deviceNote(
+                p.device, result.device
+            )
             p.reportJson = json.dumps(report, default=str)
         return result
 
@@ -889,10 +891,13 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
         return f"{verdict.same_patient_score:.2f}{flag}"
 
     @staticmethod
-    def statusText(quality: str, warning) -> str:
+    def statusText(quality: str, warning, flagNote=None) -> str:
+        """The verdict for the status line; ``flagNote`` says when the model's flag is not calibrated."""
         if quality == "ok":
-            return _("Alignment looks good.")
-        return _("Warning: ") + (warning or _("alignment looks poor; check it visually before use"))
+            text = _("Alignment looks good.")
+        else:
+            text = _("Warning: ") + (warning or _("alignment looks poor; check it visually before use"))
+        return f"{text} {_('Warning: ')}{flagNote}." if flagNote else text
 
     # --- display and export ---------------------------------------------------------------------------
 

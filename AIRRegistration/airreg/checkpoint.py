@@ -53,6 +53,19 @@ def resolve(path: str | os.PathLike | None) -> Path:
     return bundled if not path.exists() and path.parent == Path(".") and bundled.is_file() else path
 
 
+#: Said in every report of a model whose quality flag has not been made trustworthy.
+FLAG_NOT_CALIBRATED = (
+    "flag not calibrated: this model's critic has not been refined (airreg refine-critic) or it has no patient "
+    "check (airreg train-patient-check), so its quality flag cannot be trusted"
+)
+
+
+def flag_calibrated(checkpoint: dict) -> bool:
+    """Whether the critic refinement and the patient check have run for this model (its metadata says so)."""
+    metadata = checkpoint.get("metadata") or {}
+    return bool(metadata.get("critic_refinement")) and checkpoint.get("patient_check") is not None
+
+
 def save(path: str | os.PathLike, checkpoint: dict) -> Path:
     """Write a checkpoint atomically."""
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__, **checkpoint}

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deform", action="store_true", help="add a mild probe-pressure deformation to the TRUS")
     p.add_argument(
+        "--family",
+        choices=("classic", "synth", "mixture"),
+        default="classic",
+        help="classic: the anatomical phantom; synth: label-driven, randomised (docs/phantoms.md); "
+        "mixture: even cases classic, odd cases synth",
+    )
+    p.add_argument(
         "--preview", action="store_true", help="also write preview.png (MR grey, TRUS colour) per case"
     )
 
@@ -43,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, required=True, help="run folder: checkpoints, log.csv, loss_curves.png, model.pt"
     )
-    p.add_argument("--preset", default="default", help="paper, default or tiny")
+    p.add_argument(
+        "--preset", default="default", help="paper, default, tiny or general (default + augmentation)"
+    )
     p.add_argument(
         "--dof",
         type=int,
@@ -54,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes)")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="0: one pass over the training cases")
-    p.add_argument("--lr-g", type=float, default=3e-4)
-    p.add_argument("--lr-d", type=float, default=1e-4)
+    p.add_argument("--lr-g", type=float, help="generator learning rate (3e-4; a tenth with --init-from)")
+    p.add_argument("--lr-d", type=float, help="critic learning rate (1e-4; a tenth with --init-from)")
     p.add_argument(
         "--lambda-param", type=float, default=1.0, help="weight of the parameter distance in G's loss"
     )
@@ -70,7 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gp-weight", type=float, default=10.0, help="weight of the gradient penalty")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="intensity augmentation of the batches (gamma, bias, blur, noise, MR inversion); default: the "
+        "preset's (on for general only)",
+    )
     p.add_argument("--resume", type=Path, help="continue from a training checkpoint (last.pt)")
+    p.add_argument(
+        "--init-from",
+        help="fine-tune: start from a trained model (file, or bundled name phantom-3dof / phantom-6dof) with the "
+        "fine-tune learning-rate schedule (docs/training.md)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
@@ -231,7 +251,7 @@ def _pair_arguments(p: argparse.ArgumentParser) -> None:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import generate_dataset, write_preview
 
-    folders = generate_dataset(args.out, args.cases, args.seed, deform=args.deform)
+    folders = generate_dataset(args.out, args.cases, args.seed, deform=args.deform, family=args.family)
     if args.preview:
         for folder in folders:
             write_preview(folder, folder / "preview.png")
@@ -240,15 +260,18 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig, preset
+    from dataclasses import replace
+
+    from .config import PRESET_TRAINING, TrainConfig, fine_tune_schedule, preset
     from .training import train
 
+    augment = (
+        PRESET_TRAINING.get(args.preset, {}).get("augment", False) if args.augment is None else args.augment
+    )
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch,
-        lr_g=args.lr_g,
-        lr_d=args.lr_d,
         lambda_param=args.lambda_param,
         d_fakes=args.d_fakes,
         critic_constraint=args.critic_constraint,
@@ -257,8 +280,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         compile=args.compile,
         num_threads=args.threads,
+        augment=augment,
     )
-    model = train(args.data, args.out, preset(args.preset, args.dof), cfg, args.resume, args.device)
+    if args.init_from is not None:
+        cfg = fine_tune_schedule(cfg)
+    cfg = replace(cfg, **{k: v for k, v in (("lr_g", args.lr_g), ("lr_d", args.lr_d)) if v is not None})
+    model_config = preset(args.preset, args.dof)
+    model = train(args.data, args.out, model_config, cfg, args.resume, args.device, init_from=args.init_from)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {model}")
     return 0
@@ -358,7 +386,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         overlay_png(
             registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
         )
-    _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}")
+    _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}", registrar)
     for line in coverage_warnings(mapped):
         print(f"WARNING: {line}")
     if _is_bundled(args.model):
@@ -374,7 +402,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
     registrar = Registrar.from_checkpoint(args.model, args.device, tolerance_mm=args.tolerance)
     verdict = registrar.score(mr, trus, read_transform(args.transform))
-    _print_verdict(verdict, f"D-score {verdict.d_score:.2f}")
+    _print_verdict(verdict, f"D-score {verdict.d_score:.2f}", registrar)
     if _is_bundled(args.model):
         print(DISCLAIMER)
     return 0
@@ -387,12 +415,14 @@ def _is_bundled(model: Path | None) -> bool:
     return resolve(model).parent == default_model_path().parent
 
 
-def _print_verdict(verdict, head: str) -> None:
+def _print_verdict(verdict, head: str, registrar) -> None:
     score = verdict.same_patient_score
     same = "" if score is None else f"; same-patient score {score:.2f}"
     print(f"{head}; estimated error {verdict.estimated_tre_mm:.1f} mm{same}; quality: {verdict.quality}")
     if verdict.warning:
         print(f"WARNING: {verdict.warning}")
+    if registrar.flag_note:
+        print(f"WARNING: {registrar.flag_note}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ Presets:
 * ``paper``   — the paper's size: 256x256 in-plane, 26 slices, 128 filters (needs a GPU to train).
 * ``default`` — 48x48 in-plane at 1.6 mm (77 mm), 16 slices at 3 mm, 32 filters: trains on a laptop CPU.
 * ``tiny``    — a 24x24x6 grid and 8 filters, for tests and smoke runs only.
+* ``general`` — the ``default`` model trained with intensity augmentation (:data:`PRESET_TRAINING`), meant for a
+  mixture of phantom families (docs/phantoms.md).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA only; CPU always runs in float32
     compile: bool = False  # torch.compile the networks (CUDA)
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    augment: bool = False  # intensity augmentation of each batch (airreg.augmentation); geometry unchanged
+    lr_warmup_epochs: int = 0  # linear warm-up of the learning rates over the first epochs (fine-tuning)
 
     def __post_init__(self) -> None:
         if isinstance(self.d_fakes, str):
@@ -150,11 +154,29 @@ class TrainConfig:
         return cls(**data)
 
 
+#: A fine-tune (``airreg train --init-from``) starts from trained weights: this share of the learning rates.
+FINE_TUNE_LR_SCALE = 0.1
+
+
+def fine_tune_schedule(cfg: TrainConfig) -> TrainConfig:
+    """The learning-rate schedule of a fine-tune: a tenth of the rates, warmed up over the first tenth of the
+    epochs (at least one), then the usual cosine decay. Large updates would first undo what the trained weights
+    know; the warm-up lets Adam's fresh moment estimates settle before full steps."""
+    scale = FINE_TUNE_LR_SCALE
+    return replace(
+        cfg, lr_g=cfg.lr_g * scale, lr_d=cfg.lr_d * scale, lr_warmup_epochs=max(1, cfg.epochs // 10)
+    )
+
+
 PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(grid=GridSpec((26, 256, 256), (3.0, 0.6, 0.6)), width=128),
     "default": ModelConfig(grid=GridSpec((16, 48, 48), (3.0, 1.6, 1.6)), width=32),
     "tiny": ModelConfig(grid=GridSpec((6, 24, 24), (6.0, 3.5, 3.5)), width=8, hidden=32),
+    "general": ModelConfig(grid=GridSpec((16, 48, 48), (3.0, 1.6, 1.6)), width=32),
 }
+
+#: Training settings a preset turns on besides its model (``airreg train`` options override them).
+PRESET_TRAINING: dict[str, dict] = {"general": {"augment": True}}
 
 
 def preset(name: str, dof: int = 3) -> ModelConfig:

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from scipy import stats
 
 from . import data, geometry, resampling
+from .checkpoint import FLAG_NOT_CALIBRATED
 from .config import PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
 from .errors import AirRegError
 from .fileio import atomic_write, write_text
@@ -215,6 +216,7 @@ def markdown(summary: dict, title: str) -> str:
         "",
         f"{summary['cases']} cases, tolerance {summary['tolerance_mm']:g} mm.",
         "",
+        *([f"**WARNING: {FLAG_NOT_CALIBRATED}.**", ""] if summary.get("flag_calibrated") is False else []),
         "| TRE (mm) | mean | median | p90 | < 2 mm | < 5 mm |",
         "|---|---|---|---|---|---|",
     ]
@@ -291,6 +293,7 @@ def evaluate(
     summary.update(
         model=registrar.model_id,
         model_sha256=registrar.model_sha256,
+        flag_calibrated=registrar.flag_note is None,
         dof=dof,
         seed=seed,
         iterations=iterations,

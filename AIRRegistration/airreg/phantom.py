@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import geometry
+from .errors import InputError
 from .fileio import atomic_path, write_text
 
 # name: (T2 intensity, T2 texture (relative std), echogenicity, scatterer density, impedance MRayl,
@@ -1016,16 +1017,34 @@ def write_case(case: PhantomCase, folder: Path) -> Path:
     return folder
 
 
+#: Phantom families: ``classic`` (this module), ``synth`` (:mod:`airreg.phantom_synth`, label-driven) and
+#: ``mixture`` (even cases classic, odd cases synth).
+FAMILIES = ("classic", "synth", "mixture")
+
+
+def case_generator(family: str, index: int = 0):
+    """The ``generate_case(seed, deform)`` function that makes case ``index`` of a family."""
+    if family not in FAMILIES:
+        raise InputError(f"unknown phantom family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family == "synth" or (family == "mixture" and index % 2 == 1):
+        from .phantom_synth import generate_case as synth_case
+
+        return synth_case
+    return generate_case
+
+
 def generate_dataset(
-    out: Path, cases: int, seed: int, deform: bool = False, progress: bool = True
+    out: Path, cases: int, seed: int, deform: bool = False, progress: bool = True, family: str = "classic"
 ) -> list[Path]:
-    """Write ``cases`` case folders ``out/case0000`` ...; case ``i`` uses ``SeedSequence(seed, spawn_key=(i,))``."""
+    """Write ``cases`` case folders ``out/case0000`` ... of a family (:data:`FAMILIES`); case ``i`` uses
+    ``SeedSequence(seed, spawn_key=(i,))``."""
     from tqdm import tqdm
 
     out = Path(out)
+    generators = [case_generator(family, i) for i in range(cases)]
     folders = []
-    for i in tqdm(range(cases), desc="phantom cases", unit="case", disable=not progress):
-        case = generate_case(np.random.SeedSequence(seed, spawn_key=(i,)), deform=deform)
+    for i in tqdm(range(cases), desc=f"{family} phantom cases", unit="case", disable=not progress):
+        case = generators[i](np.random.SeedSequence(seed, spawn_key=(i,)), deform=deform)
         folders.append(write_case(case, out / f"case{i:04d}"))
     return folders
 
@@ -1077,6 +1096,49 @@ def write_preview(case_folder: Path, png: Path) -> Path:
             ax.set_axis_off()
             ax.text(0.02, 0.98, title, color="yellow", fontsize=9, va="top", transform=ax.transAxes)
     fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=0.995, wspace=0.02, hspace=0.02)
+    png = Path(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return png
+
+
+def _gallery_caption(params: dict, mr: sitk.Image) -> str:
+    """Two lines of a case's drawn values for a gallery panel (either family)."""
+    s = mr.GetSpacing()
+    trus = params.get("trus", {})
+    return (
+        f"{params.get('family', 'classic')}: MR {s[0]:.2f}x{s[1]:.2f}x{s[2]:.1f} mm\n"
+        f"fan {2 * trus.get('half_angle_deg', 0):.0f} deg, {trus.get('frequency_mhz', 0):.1f} MHz"
+    )
+
+
+def write_gallery(case_folders: list[Path], png: Path) -> Path:
+    """PNG with one column per case: the MR slice through the gland's centre (outline in green) above the native
+    TRUS slice nearest the same point, each case's spacing and fan in the caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(case_folders), figsize=(2.6 * len(case_folders), 5.4), squeeze=False)
+    for column, folder in zip(axes.T, case_folders, strict=True):
+        folder = Path(folder)
+        mr = sitk.ReadImage(str(folder / "mr.nii.gz"), sitk.sitkFloat32)
+        trus = sitk.ReadImage(str(folder / "trus.nii.gz"))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mr_prostate.nii.gz")))
+        k, rows, cols = (int(round(v.mean())) for v in np.nonzero(mask))
+        centre = mr.TransformContinuousIndexToPhysicalPoint([float(cols), float(rows), float(k)])
+        mr_arr = sitk.GetArrayFromImage(mr)[k]
+        column[0].imshow(mr_arr, cmap="gray", vmin=0, vmax=float(np.percentile(mr_arr, 99.5)))
+        column[0].contour(mask[k], levels=[0.5], colors="lime", linewidths=0.6)
+        trus_k = _trus_slice_at(trus, geometry.read_transform(folder / "gt.tfm"), centre)
+        column[1].imshow(sitk.GetArrayFromImage(trus)[trus_k], cmap="gray", vmin=0, vmax=255, origin="lower")
+        params = json.loads((folder / "case.json").read_text())
+        column[0].set_title(_gallery_caption(params, mr), fontsize=8)
+        for ax in column:
+            ax.set_axis_off()
+    fig.tight_layout()
     png = Path(png)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=80)

@@ -56,6 +56,7 @@ class RegistrationResult:
     device: str
     selected_step: int = 0
     extra: dict = field(default_factory=dict)
+    flag_note: str | None = None  # checkpoint.FLAG_NOT_CALIBRATED when the model's flag is not calibrated
 
     @property
     def to_parent_ras(self) -> np.ndarray:
@@ -97,6 +98,8 @@ class RegistrationResult:
             "tolerance_mm": self.after.tolerance_mm,
             "quality": self.quality,
             "warning": self.warning,
+            "flag_calibrated": self.flag_note is None,
+            "flag_note": self.flag_note,
             "same_patient_score": self.after.same_patient_score,
             "transform_file": transform_file,
             "transform_convention": "ITK resampling transform, LPS mm, maps MR (fixed) points to TRUS (moving) points",
@@ -157,6 +160,7 @@ class Registrar:
         self.iterations, self.tolerance_mm = iterations, tolerance_mm
         self.model_id = Path(where).name
         self.model_sha256 = state.get("sha256", "")
+        self.flag_note = None if ckpt.flag_calibrated(state) else ckpt.FLAG_NOT_CALIBRATED
 
     @classmethod
     def from_checkpoint(
@@ -282,6 +286,7 @@ class Registrar:
             model_sha256=self.model_sha256,
             device=str(self.device),
             selected_step=best,
+            flag_note=self.flag_note,
         )
         report(1.0, "done")
         return result

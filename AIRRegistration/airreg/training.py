@@ -37,8 +37,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import augmentation, data, distributed, preprocessing, resampling, scoring
 from . import checkpoint as ckpt
-from . import data, distributed, preprocessing, resampling, scoring
 from .config import (
     CriticConstraint,
     CriticObjective,
@@ -236,6 +236,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.calibration: Calibration | None = None
+        self.init_from: dict | None = None  # the model a fine-tune started from (name, sha256)
 
     # -- batches
 
@@ -251,10 +252,20 @@ class Trainer:
         mix = shard(torch.rand(global_bs, generator=gen), self.ctx).to(self.ctx.device)
         index, params = shard(index, self.ctx), shard(params, self.ctx).to(self.ctx.device)
         mr, trus, pts = cache.batch(index, self.ctx.device)
+        if self.cfg.augment:
+            mr, trus = self.augment(gen, mr, trus)
         perturb = resampling.rigid_matrices(params, self.model.dof)
         target = resampling.matrix_params(resampling.invert_rigid(perturb), self.model.dof)
         case = torch.as_tensor(index, device=self.ctx.device)
         return Batch(mr, trus, pts, perturb, target, magnitude, mix, case)
+
+    def augment(self, gen: torch.Generator, mr: torch.Tensor, trus: torch.Tensor):
+        """This rank's share of one intensity-augmentation draw per case of the global batch (MR, TRUS cache)."""
+        n, spec = self.global_batch_size, augmentation.AugmentSpec()
+        share = slice(self.ctx.rank * len(mr), (self.ctx.rank + 1) * len(mr))
+        mr_draw = augmentation.draw(gen, n, spec, invertible=True).select(share)
+        trus_draw = augmentation.draw(gen, n, spec, invertible=False).select(share)
+        return augmentation.apply(mr, mr_draw, fan=False), augmentation.apply(trus, trus_draw, fan=True)
 
     @property
     def global_batch_size(self) -> int:
@@ -425,10 +436,13 @@ class Trainer:
         }
 
     def set_learning_rates(self, epoch: int) -> None:
-        """Cosine decay from the configured rates to 5 % of them at the last epoch (or constant rates)."""
+        """Cosine decay from the configured rates to 5 % of them at the last epoch (or constant rates), times a
+        linear warm-up over the first ``lr_warmup_epochs``."""
         factor = 1.0
         if self.cfg.cosine_lr and self.cfg.epochs > 1:
             factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / (self.cfg.epochs - 1)))
+        if epoch <= self.cfg.lr_warmup_epochs:
+            factor *= epoch / (self.cfg.lr_warmup_epochs + 1)
         for opt, base in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
             for group in opt.param_groups:
                 group["lr"] = base * factor
@@ -604,6 +618,21 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.normalization = NormalizationSpec.from_dict(state["preprocessing"]["normalization"])
+        self.init_from = state.get("metadata", {}).get("init_from")
+
+    def initialize_from(self, state: dict, where: str) -> None:
+        """Start from a trained model's G, D and normalisation (a fine-tune); not its optimisers, epoch or
+        calibration: the run is a new one."""
+        where = state.get("path", where)
+        if state["model_config"] != self.model.to_dict():
+            raise ModelError(
+                f"{where}: the model to start from has another model configuration (preset, grid or dof) than "
+                "this run; pass the --preset and --dof it was trained with"
+            )
+        self.g.load_state_dict(state["generator"])
+        self.d.load_state_dict(state["discriminator"])
+        self.normalization = NormalizationSpec.from_dict(state["preprocessing"]["normalization"])
+        self.init_from = {"model": Path(where).name, "sha256": state.get("sha256", "")}
 
 
 # --- the whole run -----------------------------------------------------------------------------------
@@ -666,8 +695,13 @@ def train(
     resume: Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    init_from: Path | str | None = None,
 ) -> Path:
-    """Train AIR-net on a dataset of case folders; returns the path of the exported model (rank 0's file)."""
+    """Train AIR-net on a dataset of case folders; returns the path of the exported model (rank 0's file).
+
+    ``init_from`` (a model file or a bundled model's name) starts from that model's weights, for fine-tuning
+    (see :func:`airreg.config.fine_tune_schedule`); ``resume`` continues a run, fine-tune or not, and wins.
+    """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     ctx = distributed.init(device)
@@ -675,6 +709,8 @@ def train(
         trainer = Trainer(model, cfg, ctx)
         if resume is not None:
             trainer.load_state(ckpt.load(resume, map_location=ctx.device), str(resume))
+        elif init_from is not None:
+            trainer.initialize_from(ckpt.load(init_from, map_location=ctx.device), str(init_from))
         out.mkdir(parents=True, exist_ok=True)
         train_cache, val_cache = split_caches(Path(data_root), out, trainer, progress)
         steps = cfg.steps_per_epoch or max(1, math.ceil(len(train_cache) / trainer.global_batch_size))
@@ -686,6 +722,8 @@ def train(
             trainer.history.append(row)
             if ctx.is_main:
                 meta = {"train_cases": len(train_cache), "val_cases": len(val_cache)}
+                if trainer.init_from is not None:
+                    meta["init_from"] = trainer.init_from
                 ckpt.save(out / "last.pt", trainer.state(meta))
                 if row["val_tre_after"] < best:
                     best = row["val_tre_after"]

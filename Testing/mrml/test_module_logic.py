@@ -250,7 +250,7 @@ def test_register_using_parameter_node(
     assert p.estimatedErrorMm == f"{result.estimated_tre_mm:.1f} mm"
     assert p.samePatient == logic.samePatientText(result.after) and p.samePatient
     assert p.quality == result.quality and p.quality in ("ok", "warning")
-    assert p.statusText == logic.statusText(result.quality, result.warning)
+    assert p.statusText == logic.statusText(result.quality, result.warning, result.flag_note)
 
     report = json.loads(p.reportJson)
     assert report["d_score"] == pytest.approx(result.d_score)
@@ -384,3 +384,11 @@ def test_same_patient_field_shows_the_check_or_why_there_is_none(logic: Any) -> 
     assert logic.samePatientText(verdict(None)) == "not checked (the model has no patient check)"
     assert logic.samePatientText(verdict(0.834)) == "0.83"
     assert logic.samePatientText(verdict(0.07, flagged=True)) == "0.07 (another patient?)"
+
+
+def test_status_line_says_when_the_flag_is_not_calibrated(logic: Any) -> None:
+    from airreg.checkpoint import FLAG_NOT_CALIBRATED
+
+    assert logic.statusText("ok", None) == "Alignment looks good."
+    text = logic.statusText("ok", None, FLAG_NOT_CALIBRATED)
+    assert text == f"Alignment looks good. Warning: {FLAG_NOT_CALIBRATED}."
