@@ -3,6 +3,7 @@ its verdict in the registration report and the CLI, and its fitting command."""
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ import torch
 from airreg import checkpoint, input_check, ood_calibration
 from airreg.cli import main
 from airreg.errors import InputError, ModelError
+from airreg.evaluation import evaluate
 from airreg.quality import Calibration, assess
 from airreg.registration import Registrar
 from conftest import make_case, write_synthetic_case
@@ -186,3 +188,18 @@ def test_cli_refuses_a_bad_pass_rate_and_writes_nothing(tiny_model, family, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith("airreg calibrate-ood: error:") and "pass rate" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_evaluation_counts_the_pairs_out_of_distribution(checked, unlike, tmp_path):
+    summary = evaluate(
+        unlike, tmp_path / "eval", checked.path, iterations=1, overlays=0, device="cpu", progress=False
+    )
+    assert summary["out_of_distribution"] == 1.0
+    assert "input check: out of distribution on 100% of the pairs" in summary["markdown"]
+    with (tmp_path / "eval" / "cases.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["out_of_distribution"] == "True" and float(r["input_statistic"]) > 0 for r in rows)
+    ok_failing = sum(float(r["tre_after"]) > 5.0 and r["flag_after"] == "False" for r in rows)
+    assert summary["ok_above_tolerance"] == ok_failing == 0  # out of distribution: never "ok"
+    good = sum(float(r["tre_after"]) < 2.0 for r in rows)
+    assert summary["good_flagged_out_of_distribution"] == good

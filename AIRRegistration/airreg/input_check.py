@@ -41,24 +41,27 @@ HISTOGRAM_BINS = 8
 SECTION = "input_check"
 
 
-def _intensity_stats(values: torch.Tensor) -> list[float]:
-    """Mean, standard deviation and the share of values in each of HISTOGRAM_BINS bins over [0, 1]."""
-    values = values.float().flatten()
-    histogram = torch.histc(values, bins=HISTOGRAM_BINS, min=0.0, max=1.0) / max(values.numel(), 1)
-    return [float(values.mean()), float(values.std()), *histogram.tolist()]
+def _intensity_stats(values: torch.Tensor, weight: torch.Tensor) -> list[float]:
+    """Mean, standard deviation and the share in each of HISTOGRAM_BINS bins over [0, 1] of the ``values``
+    where ``weight`` is 1 (float tensors of one shape; weights rather than indexing: several times faster)."""
+    count = weight.sum().clamp(min=1.0)
+    mean = (values * weight).sum() / count
+    var = ((values - mean) ** 2 * weight).sum() / (count - 1).clamp(min=1.0)
+    bins = (values * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1).flatten()
+    histogram = torch.bincount(bins, weights=weight.flatten(), minlength=HISTOGRAM_BINS) / count
+    return [float(mean), float(var.sqrt()), *histogram.tolist()]
 
 
-def _texture(volume: torch.Tensor, inside: torch.Tensor) -> float:
-    """Mean absolute in-plane difference between neighbouring voxels that are both ``inside`` (speckle, noise,
-    edges): (Z, Y, X) tensors."""
-    total, count = 0.0, 0
+def _texture(volume: torch.Tensor, weight: torch.Tensor) -> float:
+    """Mean absolute in-plane difference between neighbouring voxels that both have ``weight`` 1 (speckle,
+    noise, edges): (Z, Y, X) float tensors."""
+    total, count = 0.0, 0.0
     for axis in (1, 2):
         n = volume.shape[axis] - 1
-        diff = (volume.narrow(axis, 1, n) - volume.narrow(axis, 0, n)).abs()
-        both = inside.narrow(axis, 1, n) & inside.narrow(axis, 0, n)
-        total += float(diff[both].sum())
-        count += int(both.sum())
-    return total / max(count, 1)
+        both = weight.narrow(axis, 1, n) * weight.narrow(axis, 0, n)
+        total += float(((volume.narrow(axis, 1, n) - volume.narrow(axis, 0, n)).abs() * both).sum())
+        count += float(both.sum())
+    return total / max(count, 1.0)
 
 
 def features(mr_stack: torch.Tensor, trus_cache: torch.Tensor) -> np.ndarray:
@@ -70,10 +73,9 @@ def features(mr_stack: torch.Tensor, trus_cache: torch.Tensor) -> np.ndarray:
     per registration, before G."""
     mr = mr_stack.detach().float()
     trus = trus_cache.detach().float()
-    inside = trus > 0
-    mr_all = torch.ones_like(mr, dtype=torch.bool)
-    values = _intensity_stats(mr) + [_texture(mr, mr_all)]
-    values += _intensity_stats(trus[inside]) + [_texture(trus, inside), float(inside.float().mean())]
+    everywhere, inside = torch.ones_like(mr), (trus > 0).float()
+    values = _intensity_stats(mr, everywhere) + [_texture(mr, everywhere)]
+    values += _intensity_stats(trus, inside) + [_texture(trus, inside), float(inside.mean())]
     return np.asarray(values, dtype=np.float64)
 
 
