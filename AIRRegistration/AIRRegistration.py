@@ -105,6 +105,7 @@ class AIRRegistrationParameterNode:
     dScoreAfter: str = ""
     estimatedErrorMm: str = ""
     samePatient: str = ""
+    inputCheck: str = ""
     elapsed: str = ""
     quality: str = ""
     statusText: str = ""
@@ -225,6 +226,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dScoreAfterValueLabel.text = p.dScoreAfter or "-"
         self.ui.estimatedErrorValueLabel.text = p.estimatedErrorMm or "-"
         self.ui.samePatientValueLabel.text = p.samePatient or "-"
+        self.ui.inputCheckValueLabel.text = p.inputCheck or "-"
         self.ui.timeValueLabel.text = p.elapsed or "-"
         self._showStatus(p.statusText or _("No result yet."), p.quality)
 
@@ -549,6 +551,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.dScoreAfter = f"{result.d_score:.3f}"
             p.estimatedErrorMm = f"{result.estimated_tre_mm:.1f} mm"
             p.samePatient = self.samePatientText(result.after)
+            p.inputCheck = self.inputCheckText(result.after)
             p.elapsed = f"{result.seconds:.1f} s"
             p.quality = result.quality
             p.statusText = self.statusText(result.quality, result.warning)
@@ -566,6 +569,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.dScoreAfter = ""
             p.estimatedErrorMm = f"{quality.estimated_tre_mm:.1f} mm"
             p.samePatient = self.samePatientText(quality)
+            p.inputCheck = self.inputCheckText(quality)
             p.elapsed = ""
             p.quality = quality.quality
             p.statusText = _("Current alignment: ") + self.statusText(quality.quality, quality.warning)
@@ -578,6 +582,16 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             return _("not checked (the model has no patient check)")
         flag = _(" (another patient?)") if verdict.patient_flagged else ""
         return f"{verdict.same_patient_score:.2f}{flag}"
+
+    @staticmethod
+    def inputCheckText(verdict) -> str:
+        """The input check's statistic against its threshold for the result fields, or why there is none."""
+        check = verdict.input_check
+        if check is None:
+            return _("not checked (the model has no input check)")
+        if check.out_of_distribution:
+            return f"{check.statistic:.2f} > {check.threshold:.2f}" + _(": unlike the training data")
+        return f"{check.statistic:.2f} ≤ {check.threshold:.2f}" + _(": like the training data")
 
     @staticmethod
     def statusText(quality: str, warning) -> str:
