@@ -167,6 +167,7 @@ class AIRRegistrationParameterNode:
     dScoreCurrent: str = ""
     estimatedErrorMm: str = ""
     samePatient: str = ""
+    inputCheck: str = ""
     elapsed: str = ""
     quality: str = ""
     statusText: str = ""
@@ -187,6 +188,7 @@ RESULT_TEXT_FIELDS = (
     "dScoreCurrent",
     "estimatedErrorMm",
     "samePatient",
+    "inputCheck",
     "elapsed",
     "quality",
     "statusText",
@@ -371,6 +373,7 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dScoreCurrentValueLabel.text = p.dScoreCurrent or "-"
         self.ui.estimatedErrorValueLabel.text = p.estimatedErrorMm or "-"
         self.ui.samePatientValueLabel.text = p.samePatient or "-"
+        self.ui.inputCheckValueLabel.text = p.inputCheck or "-"
         self.ui.timeValueLabel.text = p.elapsed or "-"
         if idle:
             self._showStatus(p.statusText or _("No result yet."), p.quality)
@@ -792,6 +795,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.dScoreCurrent = ""
             p.estimatedErrorMm = f"{result.estimated_tre_mm:.1f} mm"
             p.samePatient = self.samePatientText(result.after)
+            p.inputCheck = self.inputCheckText(result.after)
             p.elapsed = f"{result.seconds:.1f} s"
             p.quality = result.quality
             p.statusText = self.statusText(result.quality, warning, result.flag_note) + self.deviceNote(
@@ -823,6 +827,7 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             p.dScoreCurrent = f"{quality.d_score:.3f}"
             p.estimatedErrorMm = f"{quality.estimated_tre_mm:.1f} mm"
             p.samePatient = self.samePatientText(quality)
+            p.inputCheck = self.inputCheckText(quality)
             p.quality = quality.quality
             adjusted = report is not None and report["adjusted_manually"]
             prefix = _("Adjusted alignment: ") if adjusted else _("Current alignment: ")
@@ -889,6 +894,16 @@ class AIRRegistrationLogic(ScriptedLoadableModuleLogic):
             return _("not checked (the model has no patient check)")
         flag = _(" (another patient?)") if verdict.patient_flagged else ""
         return f"{verdict.same_patient_score:.2f}{flag}"
+
+    @staticmethod
+    def inputCheckText(verdict) -> str:
+        """The input check's statistic against its threshold for the result fields, or why there is none."""
+        check = verdict.input_check
+        if check is None:
+            return _("not checked (the model has no input check)")
+        if check.out_of_distribution:
+            return f"{check.statistic:.2f} > {check.threshold:.2f}" + _(": unlike the training data")
+        return f"{check.statistic:.2f} ≤ {check.threshold:.2f}" + _(": like the training data")
 
     @staticmethod
     def statusText(quality: str, warning, flagNote=None) -> str:

@@ -151,6 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of same-patient registrations of the validation cases that the threshold flags",
     )
 
+    p = sub.add_parser(
+        "calibrate-ood",
+        help="fit a model's input check: are the images unlike its training data? (networks unchanged)",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file or bundled model name")
+    p.add_argument(
+        "--data", type=Path, required=True, help="case folders of the model's training family (the reference)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="model file to write (with the input check)")
+    p.add_argument(
+        "--held-out", type=Path, help="case folders of other families: only counted (how many are flagged)"
+    )
+    p.add_argument(
+        "--pass-rate",
+        type=float,
+        default=0.95,
+        help="share of training-family cases (leave-one-out) that the threshold lets pass",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random starts the cases are seen from")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("register", help="register a TRUS volume (moving) to an MR volume (fixed)")
     _pair_arguments(p)
     p.add_argument(
@@ -302,6 +323,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_ood(args: argparse.Namespace) -> int:
+    from .ood_calibration import calibrate_ood
+
+    check_writable(args.out)
+    summary = calibrate_ood(
+        args.model, args.data, args.out, args.held_out, args.pass_rate, args.seed, args.device
+    )
+    check = summary.check
+    passed = int((summary.reference_statistics <= check.threshold).sum())
+    print(
+        f"input check: threshold {check.threshold:.2f}; {passed} of {check.reference_cases} reference cases "
+        f"pass (leave-one-out, {check.pass_rate:.0%})"
+    )
+    if check.held_out_cases:
+        print(f"held-out cases flagged: {check.held_out_flagged} of {check.held_out_cases}")
+    print(f"model with the input check written to {summary.path}")
+    return 0
+
+
 def _use_threads(threads: int) -> None:
     """Set torch's CPU threads when asked (0 keeps torch's default); torch is imported only when a command runs."""
     if threads:
@@ -419,6 +459,12 @@ def _print_verdict(verdict, head: str, registrar) -> None:
     score = verdict.same_patient_score
     same = "" if score is None else f"; same-patient score {score:.2f}"
     print(f"{head}; estimated error {verdict.estimated_tre_mm:.1f} mm{same}; quality: {verdict.quality}")
+    inputs = verdict.input_check
+    if inputs is None:
+        print("input check: unavailable (the model file has none; airreg calibrate-ood adds one)")
+    else:
+        state = "out of distribution" if inputs.out_of_distribution else "in distribution"
+        print(f"input check: statistic {inputs.statistic:.2f}, threshold {inputs.threshold:.2f}: {state}")
     if verdict.warning:
         print(f"WARNING: {verdict.warning}")
     if registrar.flag_note:
@@ -480,6 +526,7 @@ COMMANDS = {
     "phantom": _cmd_phantom,
     "train": _cmd_train,
     "calibrate": _cmd_calibrate,
+    "calibrate-ood": _cmd_calibrate_ood,
     "register": _cmd_register,
     "score": _cmd_score,
     "refine-critic": _cmd_refine_critic,

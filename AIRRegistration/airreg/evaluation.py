@@ -24,7 +24,7 @@ from .config import PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
 from .errors import AirRegError
 from .fileio import atomic_write, write_text
 from .plotting import box_plots, fusion_panels, scatter
-from .quality import auroc
+from .quality import QualityResult, auroc
 from .registration import Registrar
 
 #: Number of gland points used for transform-derived TRE when a case has no landmarks.
@@ -147,11 +147,18 @@ def evaluate_cases(
                 "flag_after": full.quality == "warning",
                 "same_patient_after": full.after.same_patient_score,
                 "patient_flag_after": full.after.patient_flagged,
+                "input_statistic": _input_statistic(full.after),
+                "out_of_distribution": full.after.out_of_distribution,
                 "seconds_one_pass": one.seconds,
                 "seconds": full.seconds,
             }
         )
     return rows, finals
+
+
+def _input_statistic(verdict: QualityResult) -> float:
+    """The input check's statistic of a verdict (NaN for a model without the check)."""
+    return float("nan") if verdict.input_check is None else verdict.input_check.statistic
 
 
 def gross_failures(cases: Sequence[data.Case], registrar: Registrar, progress: bool = True) -> dict:
@@ -188,6 +195,8 @@ def summarize(rows: Sequence[dict], tolerance_mm: float) -> dict:
     failing = tre_all > tolerance_mm
     paired = stats.wilcoxon(col["tre_before"], col["tre_after"]) if len(rows) > 1 else None
     checked = np.isfinite(col["same_patient_after"]).all()
+    ood_checked = np.isfinite(col["input_statistic"]).all()
+    ok_failing = (col["tre_after"] > tolerance_mm) & ~col["flag_after"].astype(bool)
     return {
         "cases": len(rows),
         "tolerance_mm": tolerance_mm,
@@ -204,6 +213,11 @@ def summarize(rows: Sequence[dict], tolerance_mm: float) -> dict:
         "flag_sensitivity": float(flags[failing].mean()) if failing.any() else None,
         "flag_specificity": float((~flags[~failing]).mean()) if (~failing).any() else None,
         "patient_check_false_alarms": float(col["patient_flag_after"].mean()) if checked else None,
+        "ok_above_tolerance": int(ok_failing.sum()),
+        "out_of_distribution": float(col["out_of_distribution"].mean()) if ood_checked else None,
+        "good_flagged_out_of_distribution": int(
+            ((col["tre_after"] < 2.0) & col["out_of_distribution"].astype(bool)).sum()
+        ),
         "median_seconds_one_pass": float(np.median(col["seconds_one_pass"])),
         "median_seconds": float(np.median(col["seconds"])),
     }
@@ -240,6 +254,15 @@ def markdown(summary: dict, title: str) -> str:
         f"- AUROC of the quality flag for TRE > {summary['tolerance_mm']:g} mm: {summary['auroc_flag_tre_above_tolerance']:.3f}",
         f"- median seconds per pair: one pass {summary['median_seconds_one_pass']:.3f}, iterative {summary['median_seconds']:.3f}",
     ]
+    lines.append(
+        f"- reported ok with TRE > {summary['tolerance_mm']:g} mm after registration: "
+        f"{summary['ok_above_tolerance']} of {summary['cases']}"
+    )
+    if summary["out_of_distribution"] is not None:
+        lines.append(
+            f"- input check: out of distribution on {summary['out_of_distribution']:.0%} of the pairs "
+            f"({summary['good_flagged_out_of_distribution']} of them registered to TRE < 2 mm)"
+        )
     if summary["patient_check_false_alarms"] is not None:
         lines.append(
             f"- patient check: another patient flagged on {summary['patient_check_false_alarms']:.0%} of the "

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import ModelError
+from .input_check import InputVerdict
 
 DEFAULT_TOLERANCE_MM = 5.0
 
@@ -205,6 +206,12 @@ class QualityResult:
     warning: str | None
     same_patient_score: float | None = None  # the patient check's score, if the model has one
     patient_flagged: bool = False  # the patient check says another patient (whichever warning is shown)
+    input_check: InputVerdict | None = None  # the input check's verdict, if the model has one
+
+    @property
+    def out_of_distribution(self) -> bool:
+        """The input check says the images are unlike the model's training data."""
+        return self.input_check is not None and self.input_check.out_of_distribution
 
     @property
     def quality(self) -> str:
@@ -219,10 +226,13 @@ def assess(
     input_warning: str | None = None,
     patient_logit: float | None = None,
     patient_check: PatientCheckCalibration | None = None,
+    input_check: InputVerdict | None = None,
 ) -> QualityResult:
     """Quality verdict from a critic value; ``overlap`` is the fraction of the grid the TRUS covers;
     ``input_warning`` (e.g. the images belong to different patients) overrides the rest; ``patient_logit`` is
-    the patient check's value (with its ``patient_check`` calibration), judged after the alignment."""
+    the patient check's value (with its ``patient_check`` calibration), judged after the alignment;
+    ``input_check`` is the input check's verdict: out of distribution, the quality is never "ok", because the
+    critic's value means little on images unlike its training data."""
     tre = calibration.expected_tre_mm(critic)
     p_fail = calibration.p_failure(critic, tolerance_mm)
     same = None if patient_logit is None else same_patient_score(patient_logit)
@@ -232,6 +242,8 @@ def assess(
         warning = f"{input_warning}: check the inputs"
     elif overlap < 0.2:
         warning = f"the TRUS covers only {overlap:.0%} of the MR field of view: check the inputs and the initial transform"
+    elif input_check is not None and input_check.out_of_distribution:
+        warning = f"{input_check.warning}; review it before use"
     elif p_fail >= 0.5:
         warning = (
             f"alignment looks poor: estimated error {tre:.1f} mm, P(error > {tolerance_mm:g} mm) = {p_fail:.2f}; "
@@ -243,5 +255,5 @@ def assess(
             f"{patient_check.threshold_score:.2f}): check the inputs"
         )
     return QualityResult(
-        critic, calibration.d_score(critic), tre, p_fail, tolerance_mm, warning, same, flagged
+        critic, calibration.d_score(critic), tre, p_fail, tolerance_mm, warning, same, flagged, input_check
     )

@@ -4,7 +4,8 @@
 ``Registrar.register`` starts from an initial MR->TRUS transform (default: volume centres aligned), runs G, and
 optionally iterates — G again from its own result, D judging every step, the best-scored step kept (the paper's
 "use both networks iteratively"). The quality verdict comes from the calibrated critic (:mod:`airreg.quality`),
-the patients' identities where the images carry them, and the model's patient check, if it has one.
+the patients' identities where the images carry them, the model's patient check and its input check (are the
+images like its training data? :mod:`airreg.input_check`), where it has them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import checkpoint as ckpt
-from . import data, patient_check, preprocessing, resampling, scoring
+from . import data, input_check, patient_check, preprocessing, resampling, scoring
 from .config import ModelConfig
 from .distributed import select_device
 from .errors import InputError, ModelError
@@ -101,6 +102,7 @@ class RegistrationResult:
             "flag_calibrated": self.flag_note is None,
             "flag_note": self.flag_note,
             "same_patient_score": self.after.same_patient_score,
+            "input_check": input_check.report(self.after.input_check),
             "transform_file": transform_file,
             "transform_convention": "ITK resampling transform, LPS mm, maps MR (fixed) points to TRUS (moving) points",
             "mr_to_trus_lps": self.mr_to_trus.tolist(),
@@ -157,6 +159,7 @@ class Registrar:
         self.patient_net, self.patient_check = (None, None) if loaded is None else loaded
         if self.patient_net is not None:
             self.patient_net.to(self.device)
+        self.input_check = input_check.load(state, where)
         self.iterations, self.tolerance_mm = iterations, tolerance_mm
         self.model_id = Path(where).name
         self.model_sha256 = state.get("sha256", "")
@@ -212,12 +215,17 @@ class Registrar:
             return None
         return float(self.patient_net(pair.mr[None], trus_stack[None]).flatten()[0])
 
+    def _judge_inputs(self, pair: preprocessing.PreparedPair) -> input_check.InputVerdict | None:
+        """The input check's verdict on what the networks see; None if the model has no check."""
+        return None if self.input_check is None else self.input_check.judge(pair.mr, pair.trus_cache)
+
     def _verdict(
         self,
         critic: float,
         coverage: float,
         input_warning: str | None = None,
         patient_logit: float | None = None,
+        inputs: input_check.InputVerdict | None = None,
     ) -> QualityResult:
         return assess(
             critic,
@@ -227,6 +235,7 @@ class Registrar:
             input_warning,
             patient_logit,
             self.patient_check,
+            inputs,
         )
 
     @torch.no_grad()
@@ -273,13 +282,14 @@ class Registrar:
             step["d_score"] = self._verdict(float(c), 1.0).d_score
         mismatch = data.patient_mismatch(mr, trus)
         patient_logit = self._patient_logit(pair, stacks[best])
+        inputs = self._judge_inputs(pair)
         t3 = time.perf_counter()
         transform_in_frame = candidates[best][0].double().cpu().numpy()
         result = RegistrationResult(
             mr_to_trus=preprocessing.frame_transform_to_world(pair, transform_in_frame),
             initial=start,
-            before=self._verdict(float(critic[0]), float(coverage[0]), mismatch),
-            after=self._verdict(float(critic[best]), float(coverage[best]), mismatch, patient_logit),
+            before=self._verdict(float(critic[0]), float(coverage[0]), mismatch, inputs=inputs),
+            after=self._verdict(float(critic[best]), float(coverage[best]), mismatch, patient_logit, inputs),
             steps=steps,
             timings={"resampling": t1 - t0, "generator": t2 - t1, "discriminator": t3 - t2, "total": t3 - t0},
             model=self.model_id,
@@ -305,7 +315,8 @@ class Registrar:
         critic, coverage, stacks = self._critic(pair, eye)
         trus_stack = stacks[0]
         mismatch, patient_logit = data.patient_mismatch(mr, trus), self._patient_logit(pair, trus_stack)
-        verdict = self._verdict(float(critic[0]), float(coverage[0]), mismatch, patient_logit)
+        inputs = self._judge_inputs(pair)
+        verdict = self._verdict(float(critic[0]), float(coverage[0]), mismatch, patient_logit, inputs)
         return pair.mr.cpu().numpy(), trus_stack.cpu().numpy(), verdict
 
 

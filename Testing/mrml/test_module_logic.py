@@ -249,6 +249,7 @@ def test_register_using_parameter_node(
     assert p.dScoreAfter == f"{result.d_score:.3f}"
     assert p.estimatedErrorMm == f"{result.estimated_tre_mm:.1f} mm"
     assert p.samePatient == logic.samePatientText(result.after) and p.samePatient
+    assert p.inputCheck == logic.inputCheckText(result.after) and p.inputCheck
     assert p.quality == result.quality and p.quality in ("ok", "warning")
     assert p.statusText == logic.statusText(result.quality, result.warning, result.flag_note)
 
@@ -392,3 +393,15 @@ def test_status_line_says_when_the_flag_is_not_calibrated(logic: Any) -> None:
     assert logic.statusText("ok", None) == "Alignment looks good."
     text = logic.statusText("ok", None, FLAG_NOT_CALIBRATED)
     assert text == f"Alignment looks good. Warning: {FLAG_NOT_CALIBRATED}."
+
+
+def test_input_check_field_shows_the_statistic_or_why_there_is_none(logic: Any) -> None:
+    from airreg.input_check import InputVerdict
+    from airreg.quality import QualityResult
+
+    def verdict(check):
+        return QualityResult(0.0, 0.5, 2.0, 0.1, 5.0, None, input_check=check)
+
+    assert logic.inputCheckText(verdict(None)) == "not checked (the model has no input check)"
+    assert logic.inputCheckText(verdict(InputVerdict(3.214, 5.7))) == "3.21 ≤ 5.70: like the training data"
+    assert logic.inputCheckText(verdict(InputVerdict(9.5, 5.7))) == "9.50 > 5.70: unlike the training data"
