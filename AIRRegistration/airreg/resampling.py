@@ -5,8 +5,9 @@ This is the only module that calls ``affine_grid`` / ``grid_sample``. Convention
 * A volume tensor has shape (B, 1, Z, Y, X): index order (k, j, i) as SimpleITK's ``GetArrayFromImage``.
 * Geometric matrices are 4x4 and act on column vectors of *voxel indices* ``(i, j, k, 1)`` (x fastest), or on
   LPS millimetres; names say which (``index_to_world``, ``grid_to_volume``).
-* The network grid is a box in MR space: axes = the MR volume's direction columns, origin = the grid centre,
-  ``size = (slices, rows, cols)`` and ``spacing = (slice, row, col)`` in mm. Slices become channels: the output
+* The network grid is a box in MR space: axes = the MR's canonical axes (:func:`canonical_axes`: chosen from
+  physical facts, never from how the file orders its voxels), origin = the grid centre,
+  ``size = (slices, rows, cols)`` and ``spacing = (slice, row, col)`` in mm; the slice axis is the MR's coarse axis. Slices become channels: the output
   of :func:`sample` has shape (B, slices, rows, cols), the paper's multi-channel 2D image.
 * ``align_corners=True``: voxel centres of the first and last index map to -1 and +1, so a voxel index maps to
   normalised coordinates by ``u = 2 i / (n - 1) - 1``; points outside the volume read 0 (zeros padding).
@@ -63,18 +64,54 @@ def physical_center(image: sitk.Image) -> np.ndarray:
     return geometry.apply(index_to_world(image), (np.asarray(image.GetSize(), dtype=float) - 1) / 2)
 
 
-def mr_frame(mr: sitk.Image, center_mm=None) -> np.ndarray:
-    """``frame_to_world`` of the network grid: MR direction axes, origin at ``center_mm`` (default: MR centre).
+#: MR axes whose spacing is within this factor of the coarsest are "equally coarse" (a near-isotropic MR): the
+#: slice axis is then the one of them closest to inferior-superior.
+SLICE_SPACING_RATIO = 1.2
 
-    The MR direction is orthonormalised (SVD) so that tiny rounding in the file does not make the frame
-    non-rigid.
+
+def canonical_axes(image: sitk.Image) -> np.ndarray:
+    """3x3 rotation whose columns are the network frame's (x, y, slice) axes in LPS, from physical facts only.
+
+    The same anatomy stored with its voxel axes in any order or direction gives the same axes (up to float
+    rounding), so the network sees the same stacks. Rules, in order:
+
+    * slice axis: the coarsest voxel axis; among axes within :data:`SLICE_SPACING_RATIO` of the coarsest, the
+      one closest to inferior-superior; its sign makes its largest LPS component positive;
+    * in-plane: of the four signed orders of the two other axes that make a right-handed frame, the one
+      closest to LPS (largest trace).
+
+    An axial MR stored as ITK writes it (direction near the identity) keeps its own axes: the frame that the
+    bundled models were trained with. The direction is orthonormalised (SVD) first, so that tiny rounding in
+    the file does not make the frame non-rigid.
     """
-    u, _, vt = np.linalg.svd(np.asarray(mr.GetDirection(), dtype=float).reshape(3, 3))
+    u, _, vt = np.linalg.svd(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3))
     axes = u @ vt
-    if np.linalg.det(axes) < 0:  # a left-handed MR index frame: flip the slice axis to keep a proper rotation
-        axes[:, 2] *= -1
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    coarse = np.flatnonzero(spacing * SLICE_SPACING_RATIO >= spacing.max())
+    k = int(coarse[np.argmax(np.abs(axes[2, coarse]))])
+    normal = axes[:, k] * _sign_of_largest(axes[:, k])
+    i, j = (a for a in range(3) if a != k)
+    candidates = [
+        np.column_stack([si * axes[:, a], sj * axes[:, b], normal])
+        for a, b in ((i, j), (j, i))
+        for si in (1.0, -1.0)
+        for sj in (1.0, -1.0)
+    ]
+    return max((c for c in candidates if np.linalg.det(c) > 0), key=np.trace)
+
+
+def _sign_of_largest(vector: np.ndarray) -> float:
+    """+1 or -1: the sign of the vector's largest component (the first, where two tie to 1e-9)."""
+    magnitude = np.abs(vector)
+    first = int(np.flatnonzero(magnitude >= magnitude.max() - 1e-9)[0])
+    return 1.0 if vector[first] > 0 else -1.0
+
+
+def mr_frame(mr: sitk.Image, center_mm=None) -> np.ndarray:
+    """``frame_to_world`` of the network grid: the MR's :func:`canonical_axes`, origin at ``center_mm`` (default:
+    the MR centre)."""
     center = physical_center(mr) if center_mm is None else np.asarray(center_mm, dtype=float)
-    return geometry.frame(axes, center)
+    return geometry.frame(canonical_axes(mr), center)
 
 
 def grid_to_volume(
