@@ -125,6 +125,29 @@ def grid_to_volume(
     return np.linalg.inv(volume_index_to_world) @ mr_to_volume @ frame_to_world
 
 
+def footprint(index_map: np.ndarray, spec: GridSpec, shape_zyx) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) slices of the voxels that trilinear samples at every grid point can read, or None if none.
+
+    ``index_map`` maps a grid index (i, j, k) to a voxel index of a volume of array shape ``shape_zyx``. The box
+    holds both neighbours of every sample along each axis, one voxel of margin against float32 rounding, and at
+    least 2 voxels per axis where the volume has them (``grid_sample`` reads a 1-voxel axis at its only voxel).
+    Sampling the box with the map shifted by its start gives what sampling the whole volume gives.
+    """
+    corners = np.array(list(np.ndindex(2, 2, 2)), dtype=float) * (np.array(spec.size[::-1]) - 1)
+    points = geometry.apply(index_map, corners)
+    boxes = []
+    for axis, n in enumerate(np.asarray(shape_zyx)[::-1]):  # x, y, z
+        lo = max(0, int(np.floor(points[:, axis].min())) - 1)
+        hi = min(int(n), int(np.floor(points[:, axis].max())) + 3)
+        if lo >= hi:
+            return None
+        if hi - lo < 2:
+            hi = min(int(n), lo + 2)
+            lo = max(0, hi - 2)
+        boxes.append(slice(lo, hi))
+    return boxes[2], boxes[1], boxes[0]
+
+
 def _index_to_normalized(size_xyz) -> torch.Tensor:
     """4x4 mapping voxel indices (i, j, k) to ``grid_sample``'s normalised coordinates (align_corners=True)."""
     n = torch.as_tensor(size_xyz, dtype=torch.float64)
@@ -167,11 +190,28 @@ def sample(
     to_norm = _index_to_normalized(volume.shape[-3:][::-1]).to(device=device, dtype=torch.float32)
     from_norm = torch.linalg.inv(_index_to_normalized(spec.size[::-1])).to(device=device, dtype=torch.float32)
     theta = (to_norm @ full @ from_norm)[:, :3, :].expand(batch, 3, 4)
-    # affine_grid wants output size (B, C, D, H, W); its grid's last axis is (x, y, z) = (i, j, k)
-    coords = F.affine_grid(theta, [batch, 1, *spec.size], align_corners=True)
+    coords = affine_grid(theta, spec.size)
     vol = volume.expand(batch, *volume.shape[1:]) if volume.shape[0] == 1 else volume
     out = F.grid_sample(vol, coords.to(dtype), mode=mode, padding_mode="zeros", align_corners=True)
     return out[:, 0]  # (B, D, H, W)
+
+
+def affine_grid(theta: torch.Tensor, size) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, 1, *size), align_corners=True)`` by broadcasting: 4x faster on a CPU (one thread).
+
+    Args:
+        theta: (B, 3, 4) maps normalised output coordinates (x, y, z, 1) to normalised input coordinates.
+        size: (D, H, W) of the output grid.
+
+    Returns:
+        (B, D, H, W, 3), the last axis (x, y, z) as ``grid_sample`` wants. Differentiable in ``theta``.
+    """
+    d, h, w = size
+    axes = [torch.linspace(-1.0, 1.0, n, device=theta.device, dtype=theta.dtype) for n in (w, h, d)]
+    x = theta[:, None, None, None, :, 0] * axes[0][None, None, None, :, None]  # (B, 1, 1, W, 3)
+    y = theta[:, None, None, None, :, 1] * axes[1][None, None, :, None, None]  # (B, 1, H, 1, 3)
+    z = theta[:, None, None, None, :, 2] * axes[2][None, :, None, None, None]  # (B, D, 1, 1, 3)
+    return (z + theta[:, None, None, None, :, 3]) + y + x
 
 
 def rigid_matrices(params: torch.Tensor, dof: int) -> torch.Tensor:
