@@ -161,7 +161,8 @@ def test_statistics_use_every_voxel_up_to_the_limit_then_a_regular_subsample(mon
     array = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
     monkeypatch.setattr(intensity, "STATISTICS_VOXELS", 1000)
     assert intensity.statistics_sample(array).size == 1000
-    monkeypatch.setattr(intensity, "STATISTICS_VOXELS", 300)
+    monkeypatch.setattr(intensity, "STATISTICS_VOXELS", 999)
+    monkeypatch.setattr(intensity, "SUBSAMPLE_VOXELS", 300)
     sample = intensity.statistics_sample(array)
     assert 250 <= sample.size <= 300 and np.all(np.diff(sample) == 4)  # every 4th voxel
     spec = NormalizationSpec()

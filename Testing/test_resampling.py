@@ -274,3 +274,21 @@ def test_footprint_keeps_two_voxels_per_axis():
     spec = GridSpec((2, 3, 3), (1e-6, 1.0, 1.0))
     box = resampling.footprint(np.eye(4), spec, (10, 10, 10))
     assert all(s.stop - s.start >= 2 for s in box)
+
+
+@pytest.mark.parametrize("offset", [0.0, 12.0])
+def test_sample_points_equals_sampling_the_transferred_volume(offset):
+    """Reading each point's 8 neighbours gives grid_sample's values of the transferred (here: squared) volume."""
+    volume, frame, mr_to_volume, _ = case_geometry(4)
+    frame = frame.copy()
+    frame[:3, 3] += offset  # 12 mm: part of the grid outside the volume reads 0
+    lmat = resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame)
+    array = sitk.GetArrayViewFromImage(volume)
+    ours = resampling.sample_points(
+        array, lmat @ SPEC.index_to_frame(), SPEC, lambda v: (v**2).astype(np.float32)
+    )
+    squared = torch.from_numpy(sitk.GetArrayFromImage(volume) ** 2)[None, None]
+    expected = resampling.sample(squared, torch.as_tensor(lmat), SPEC)[0].numpy()
+    assert ours.dtype == np.float32 and ours.shape == SPEC.size
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    assert np.ptp(expected) > 0.3 and ((expected == 0).mean() > 0.05 or not offset)
