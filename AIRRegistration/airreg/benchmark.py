@@ -811,12 +811,12 @@ def _inputs_line(inputs: dict) -> str:
         f"Timed pairs: MR {inputs['mr_megavoxels']:.2f} M voxels, TRUS {inputs['trus_megavoxels']:.2f} M voxels "
         "(mean)"
     )
-    if inputs["trus_spacing_mm"] or inputs["mr_inplane_spacing_mm"]:
-        line += (
-            f", upsampled: TRUS to {_fmt(inputs['trus_spacing_mm'], 'g')} mm, MR in-plane to "
-            f"{_fmt(inputs['mr_inplane_spacing_mm'], 'g')} mm"
-        )
-    return line + "."
+    upsampled = [
+        f"{what} to {inputs[key]:g} mm"
+        for what, key in (("TRUS", "trus_spacing_mm"), ("MR in-plane", "mr_inplane_spacing_mm"))
+        if inputs[key]
+    ]
+    return line + (", upsampled: " + ", ".join(upsampled) if upsampled else "") + "."
 
 
 def _goal(proto: dict) -> dict | None:
