@@ -149,3 +149,59 @@ def test_elastix_recovers_a_start(masked_dataset):
     points = benchmark.tre_points(case)
     result = benchmark.elastix_registration(iterations=60)(case, start)
     assert benchmark.tre_mm(result, points) < benchmark.tre_mm(start, points)
+
+
+def test_latency_only_with_upsampled_trus(masked_dataset, tiny_model, tmp_path):
+    report = benchmark.run_benchmark(
+        masked_dataset,
+        tmp_path,
+        tiny_model,
+        quick=True,
+        progress=False,
+        device="cpu",
+        latency_only=True,
+        threads=(1,),
+        batch=4,
+        bf16=True,
+        trus_spacing_mm=0.6,
+    )
+    assert report["protocols"] == {} and report["throughput"] == [] and report["methods"] == []
+    rows = {(r["threads"], r["batch"], r["autocast"]): r for r in report["latency"]}
+    assert set(rows) == {(1, 1, "off"), (1, 4, "off"), (1, 4, "bf16")}
+    assert rows[(1, 1, "off")]["cpu_ms"] > 0 and np.isfinite(rows[(1, 1, "off")]["mean_tre_mm"])
+    original = np.prod(data.read_case(masked_dataset / "case000").trus.GetSize()) / 1e6
+    assert report["inputs"]["trus_megavoxels"] == pytest.approx(original * (0.9 / 0.6) ** 3, rel=0.1)
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "upsampled: TRUS to 0.6 mm" in md and "## Methods" not in md and "## Training" not in md
+    assert not (tmp_path / "tre_boxplots.png").exists()
+
+
+def test_upsampled_keeps_the_physical_box_and_the_values():
+    image = make_case(5).trus
+    fine = benchmark.upsampled(image, [0.45] * 3)
+    assert fine.GetSize() == tuple(2 * (n - 1) + 1 for n in image.GetSize())
+    assert fine.GetOrigin() == image.GetOrigin() and fine.GetDirection() == image.GetDirection()
+    np.testing.assert_allclose(  # every other fine voxel is an original voxel
+        sitk.GetArrayViewFromImage(fine)[::2, ::2, ::2], sitk.GetArrayViewFromImage(image), atol=1e-3
+    )
+
+
+def test_cli_builds_the_latency_command_line():
+    from airreg.cli import build_parser
+
+    argv = [
+        "benchmark",
+        "--data",
+        "d",
+        "--out",
+        "o",
+        "--latency-only",
+        "--threads",
+        "1",
+        "--trus-spacing",
+        "0.21",
+    ]
+    args = build_parser().parse_args(argv)
+    assert benchmark.command_line(args) == (
+        "airreg benchmark --data d --out o --dof both --seed 4242 --latency-only --threads 1 --trus-spacing 0.21"
+    )

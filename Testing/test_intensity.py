@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from airreg import intensity
 from airreg.errors import InputError, ModelError
-from airreg.intensity import NormalizationSpec, normalize
+from airreg.intensity import NormalizationSpec, normalize, percentiles, scale
 
 
 def test_percentiles_map_to_zero_and_one() -> None:
@@ -141,3 +142,43 @@ def test_spec_dict_round_trip() -> None:
 def test_spec_from_bad_dict(bad) -> None:
     with pytest.raises(ModelError, match="normalisation"):
         NormalizationSpec.from_dict(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=hnp.arrays(
+        st.sampled_from([np.float32, np.float64, np.int16]),
+        st.integers(1, 400),
+        elements=st.integers(-1000, 1000),
+    ),
+    q=st.lists(st.floats(0.0, 100.0), min_size=1, max_size=3),
+)
+def test_percentiles_equal_numpy_to_the_bit(values, q) -> None:
+    np.testing.assert_array_equal(percentiles(values, q), np.percentile(values, q))
+
+
+def test_statistics_use_every_voxel_up_to_the_limit_then_a_regular_subsample(monkeypatch) -> None:
+    array = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    monkeypatch.setattr(intensity, "STATISTICS_VOXELS", 1000)
+    assert intensity.statistics_sample(array).size == 1000
+    monkeypatch.setattr(intensity, "STATISTICS_VOXELS", 999)
+    monkeypatch.setattr(intensity, "SUBSAMPLE_VOXELS", 300)
+    sample = intensity.statistics_sample(array)
+    assert 250 <= sample.size <= 300 and np.array_equal(
+        sample // 4, np.arange(sample.size)
+    )  # one per 4 voxels
+    assert np.array_equal(intensity.statistics_sample(array), sample) and len(set(sample % 4)) > 1
+    spec = NormalizationSpec()
+    low, high = spec.intensity_range(array, "mr")
+    assert (low, high) == tuple(np.percentile(sample, [1, 99]))
+    assert abs(low - np.percentile(array, 1)) < 4 and abs(high - np.percentile(array, 99)) < 4  # one step
+
+
+def test_apply_is_scale_of_the_intensity_range() -> None:
+    rng = np.random.default_rng(3)
+    array = rng.gamma(2.0, 30.0, size=(6, 7, 8)) * (rng.random((6, 7, 8)) > 0.3)
+    spec = NormalizationSpec()
+    for modality in ("mr", "trus"):
+        low, high = spec.intensity_range(array, modality)
+        np.testing.assert_array_equal(spec.apply(array, modality), scale(array, low, high))
+    assert spec.intensity_range(array, "trus")[0] > 0 == spec.intensity_range(array, "mr")[0]

@@ -236,3 +236,59 @@ def test_cuda_equals_cpu():  # pragma: no cover - no GPU on the CI machine
     cpu = resampling.sample(vol, lmat, SPEC, transform)
     gpu = resampling.sample(vol.cuda(), lmat.cuda(), SPEC, transform.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(9, 20, 17), (2, 3, 2)])
+def test_affine_grid_equals_torch_and_keeps_the_gradient(size):
+    theta = torch.randn(4, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [4, 1, *size], align_corners=True)
+    ours = resampling.affine_grid(theta.requires_grad_(), size)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    ours.sum().backward()
+    assert torch.count_nonzero(theta.grad) > 0
+
+
+@pytest.mark.parametrize("offset", [0.0, 9.0, 15.0, 500.0])
+def test_sampling_the_footprint_equals_sampling_the_volume(offset):
+    """The crop that the grid's samples can read gives what the whole volume gives; far away: nothing to read."""
+    volume, frame, mr_to_volume, _ = case_geometry(2)
+    frame = frame.copy()
+    frame[:3, 3] += offset  # 9 and 15 mm: the grid partly outside the volume
+    lmat = resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame)
+    array = sitk.GetArrayFromImage(volume)
+    box = resampling.footprint(lmat @ SPEC.index_to_frame(), SPEC, array.shape)
+    whole = resampling.sample(volume_tensor(volume), torch.as_tensor(lmat), SPEC)
+    if box is None:
+        assert offset == 500.0 and torch.count_nonzero(whole) == 0
+        return
+    assert offset != 500.0 and np.prod([s.stop - s.start for s in box]) < array.size
+    shift = geometry.homogeneous(np.eye(3), [-box[2].start, -box[1].start, -box[0].start])
+    crop = torch.from_numpy(array[box].copy())[None, None]
+    cropped = resampling.sample(crop, torch.as_tensor(shift @ lmat), SPEC)
+    torch.testing.assert_close(cropped, whole, rtol=0, atol=1e-5)  # float32 sample coordinates
+    assert torch.count_nonzero(whole) > 0
+
+
+def test_footprint_keeps_two_voxels_per_axis():
+    """A grid flat along an axis still reads two voxels there (grid_sample reads a 1-voxel axis at its only one)."""
+    spec = GridSpec((2, 3, 3), (1e-6, 1.0, 1.0))
+    box = resampling.footprint(np.eye(4), spec, (10, 10, 10))
+    assert all(s.stop - s.start >= 2 for s in box)
+
+
+@pytest.mark.parametrize("offset", [0.0, 12.0])
+def test_sample_points_equals_sampling_the_transferred_volume(offset):
+    """Reading each point's 8 neighbours gives grid_sample's values of the transferred (here: squared) volume."""
+    volume, frame, mr_to_volume, _ = case_geometry(4)
+    frame = frame.copy()
+    frame[:3, 3] += offset  # 12 mm: part of the grid outside the volume reads 0
+    lmat = resampling.grid_to_volume(resampling.index_to_world(volume), mr_to_volume, frame)
+    array = sitk.GetArrayViewFromImage(volume)
+    ours = resampling.sample_points(
+        array, lmat @ SPEC.index_to_frame(), SPEC, lambda v: (v**2).astype(np.float32)
+    )
+    squared = torch.from_numpy(sitk.GetArrayFromImage(volume) ** 2)[None, None]
+    expected = resampling.sample(squared, torch.as_tensor(lmat), SPEC)[0].numpy()
+    assert ours.dtype == np.float32 and ours.shape == SPEC.size
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    assert np.ptp(expected) > 0.3 and ((expected == 0).mean() > 0.05 or not offset)

@@ -40,6 +40,7 @@ earlier step had a higher peak).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -423,66 +424,145 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+def upsampled(image: sitk.Image, spacing_mm: Sequence[float]) -> sitk.Image:
+    """The image resampled (linear) to a finer ``spacing_mm`` (x, y, z) over the same physical box, float32."""
+    old = np.asarray(image.GetSpacing(), dtype=float)
+    steps = (np.asarray(image.GetSize()) - 1) * old / np.asarray(spacing_mm, dtype=float)
+    size = np.ceil(steps - 1e-6).astype(int) + 1
+    return sitk.Resample(
+        image,
+        [int(v) for v in size],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        [float(v) for v in spacing_mm],
+        image.GetDirection(),
+        0.0,
+        sitk.sitkFloat32,
+    )
+
+
+def upsampled_cases(
+    cases: Sequence[data.Case], trus_mm: float | None, mr_inplane_mm: float | None
+) -> list[data.Case]:
+    """Cases with the TRUS resampled to isotropic ``trus_mm`` and the MR to ``mr_inplane_mm`` in-plane (slices
+    kept): the same anatomy in a larger file, to time how the cost grows with the input."""
+    out = []
+    for case in cases:
+        changes = {}
+        if trus_mm:
+            changes["trus"] = upsampled(case.trus, [trus_mm] * 3)
+        if mr_inplane_mm:
+            slice_axis = int(np.argmax(case.mr.GetSpacing()))
+            spacing = [mr_inplane_mm] * 3
+            spacing[slice_axis] = case.mr.GetSpacing()[slice_axis]
+            changes["mr"] = upsampled(case.mr, spacing)
+        out.append(dataclasses.replace(case, **changes))
+    return out
+
+
+def _networks(registrar: Registrar) -> list[tuple[str, torch.nn.Module]]:
+    """The networks a registration runs: G, D and the patient check (if the model has one)."""
+    nets = [("generator", registrar.g), ("discriminator", registrar.d)]
+    return nets + ([("patient_check", registrar.patient_net)] if registrar.patient_net is not None else [])
+
+
+@torch.inference_mode()
 def airnet_latency(
-    registrar: Registrar, cases: Sequence[data.Case], threads: int | None, n_cases: int, repeats: int
+    registrar: Registrar,
+    cases: Sequence[data.Case],
+    threads: int | None,
+    n_cases: int,
+    repeats: int,
+    batch: int = 16,
+    bf16: bool = False,
 ) -> list[dict]:
-    """Rows of the latency table (batch 1 and 16) for one thread count (``None``: a GPU, threads untouched)."""
+    """Rows of the latency table for one thread count (``None``: a GPU, threads untouched).
+
+    Batch 1: ``Registrar.register(..., iterations=1)`` per pair, with its TRE and D-score (from the ground truth
+    start). Batch ``batch``: G, D and the patient check forward on random stacks (float32, and bf16 autocast when
+    ``bf16``), plus ``batch`` pairs prepared one after the other.
+    """
     device = registrar.device
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         sample = list(cases[:n_cases])
-        rng = np.random.default_rng(0)
-        starts = [c.gt for c in sample]
-        registrar.register(sample[0].mr, sample[0].trus, starts[0], iterations=1)  # warm-up
-        timings = []
-        for case, start in zip(sample, starts, strict=True):
+        registrar.register(sample[0].mr, sample[0].trus, sample[0].gt, iterations=1)  # warm-up
+        timings, tres, scores, cpu = [], [], [], []
+        for case in sample:
             _sync(device)
-            timings.append(registrar.register(case.mr, case.trus, start, iterations=1).timings)
+            c0 = time.thread_time()
+            result = registrar.register(case.mr, case.trus, case.gt, iterations=1)
+            cpu.append(time.thread_time() - c0)
+            timings.append(result.timings)
+            tres.append(tre_mm(result.mr_to_trus, tre_points(case)))
+            scores.append(result.d_score)
         row1 = {
             "device": str(device),
             "threads": threads,
             "batch": 1,
+            "autocast": "off",
             **{f"{k}_ms": 1000 * float(np.median([t[k] for t in timings])) for k in timings[0]},
             "pairs_timed": len(sample),
+            "cpu_ms": 1000 * float(np.median(cpu)) if threads == 1 else None,
+            "mean_tre_mm": float(np.mean(tres)),
+            "mean_d_score": float(np.mean(scores)),
         }
-        s, h, w = registrar.config.grid.size
-        mr = torch.from_numpy(rng.random((16, s, h, w), dtype=np.float32)).to(device)
-        trus = torch.from_numpy(rng.random((16, s, h, w), dtype=np.float32)).to(device)
-        times: dict[str, list[float]] = {"generator": [], "discriminator": []}
-        for net, key in ((registrar.g, "generator"), (registrar.d, "discriminator")):
+        t0 = time.perf_counter()
+        for i in range(batch):  # per-pair preprocessing does not batch: one pair after the other
+            case = sample[i % len(sample)]
+            registrar.prepare(case.mr, case.trus, case.gt)
+        _sync(device)
+        resample = time.perf_counter() - t0
+        rows = [row1]
+        for autocast in (False, True) if bf16 else (False,):
+            times = _forward_times(registrar, batch, repeats, autocast)
+            rows.append(
+                {
+                    "device": str(device),
+                    "threads": threads,
+                    "batch": batch,
+                    "autocast": "bf16" if autocast else "off",
+                    "resampling_ms": 1000 * resample,
+                    "generator_ms": 1000 * times["generator"],
+                    "discriminator_ms": 1000 * (times["discriminator"] + times.get("patient_check", 0.0)),
+                    "total_ms": 1000 * (resample + sum(times.values())),
+                    "pairs_timed": batch,
+                    "repeats": repeats,
+                }
+            )
+        for row in rows:
+            row["per_pair_ms"] = row["total_ms"] / row["batch"]
+            row["networks_pairs_per_s"] = row["batch"] / (
+                (row["generator_ms"] + row["discriminator_ms"]) / 1000
+            )
+        return rows
+    finally:
+        torch.set_num_threads(before)
+
+
+def _forward_times(registrar: Registrar, batch: int, repeats: int, bf16: bool) -> dict[str, float]:
+    """Median seconds of each network's forward pass on (batch, S, H, W) random stacks."""
+    device = registrar.device
+    s, h, w = registrar.config.grid.size
+    rng = np.random.default_rng(0)
+    mr = torch.from_numpy(rng.random((batch, s, h, w), dtype=np.float32)).to(device)
+    trus = torch.from_numpy(rng.random((batch, s, h, w), dtype=np.float32)).to(device)
+    times = {}
+    for key, net in _networks(registrar):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             net(mr, trus)  # warm-up
+            seconds = []
             for _ in range(repeats):
                 _sync(device)
                 t0 = time.perf_counter()
                 net(mr, trus)
                 _sync(device)
-                times[key].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for i in range(16):  # per-pair preprocessing does not batch: 16 pairs one after the other
-            case = sample[i % len(sample)]
-            registrar.prepare(case.mr, case.trus, starts[i % len(sample)])
-        _sync(device)
-        resample = time.perf_counter() - t0
-        gen, dis = float(np.median(times["generator"])), float(np.median(times["discriminator"]))
-        row16 = {
-            "device": str(device),
-            "threads": threads,
-            "batch": 16,
-            "resampling_ms": 1000 * resample,
-            "generator_ms": 1000 * gen,
-            "discriminator_ms": 1000 * dis,
-            "total_ms": 1000 * (resample + gen + dis),
-            "pairs_timed": 16,
-            "repeats": repeats,
-        }
-        for row, n in ((row1, 1), (row16, 16)):
-            row["per_pair_ms"] = row["total_ms"] / n
-        return [row1, row16]
-    finally:
-        torch.set_num_threads(before)
+                seconds.append(time.perf_counter() - t0)
+        times[key] = float(np.median(seconds))
+    return times
 
 
 # --- training throughput --------------------------------------------------------------------------------
@@ -636,21 +716,55 @@ def markdown(report: dict) -> str:
     lines += [
         "## AIR-net latency per stage (median ms)",
         "",
-        "| device | threads | batch | resampling | G | D | total | per pair |",
-        "|---|---|---|---|---|---|---|---|",
+        _inputs_line(report["inputs"]),
+        "",
+        "| device | threads | batch | autocast | resampling | G | D | total | per pair | CPU ms | G+D pairs/s "
+        "| TRE (mm) | D-score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["latency"]:
         lines.append(
-            f"| {r['device']} | {r['threads'] or '–'} | {r['batch']} | {r['resampling_ms']:.1f} "
-            f"| {r['generator_ms']:.1f} | {r['discriminator_ms']:.1f} | {r['total_ms']:.1f} "
-            f"| {r['per_pair_ms']:.1f} |"
+            f"| {r['device']} | {r['threads'] or '–'} | {r['batch']} | {r['autocast']} "
+            f"| {r['resampling_ms']:.1f} | {r['generator_ms']:.1f} | {r['discriminator_ms']:.1f} "
+            f"| {r['total_ms']:.1f} | {r['per_pair_ms']:.1f} | {_fmt(r.get('cpu_ms'), '.1f')} "
+            f"| {r['networks_pairs_per_s']:.0f} "
+            f"| {_fmt(r.get('mean_tre_mm'))} | {_fmt(r.get('mean_d_score'), '.3f')} |"
         )
     lines += [
         "",
-        "Batch 1: `Registrar.register(..., iterations=1)` timings (resampling = normalising and sampling the "
-        "pair; D = scoring the start and the result). Batch 16: G and D forward on a (16, S, H, W) tensor; "
-        "resampling = 16 pairs prepared one after the other (it does not batch).",
+        "Batch 1: `Registrar.register(..., iterations=1)` from the ground truth, per pair (resampling = normalising "
+        "and sampling the pair; D = scoring the start and the result, the patient check and the verdict), with "
+        "the mean TRE and D-score of those registrations. Larger batches: G, D and the patient check forward on "
+        "random (batch, S, H, W) stacks; resampling = the pairs prepared one after the other (it does not batch); "
+        "G+D pairs/s = the networks' throughput alone. CPU ms (one thread, batch 1): the thread's CPU time per "
+        "registration, which other jobs on a shared machine barely change (the wall-clock columns they do).",
         "",
+    ]
+    if report["protocols"]:  # a full run (not --latency-only)
+        lines += _throughput_and_methods_lines(report)
+    lines += [
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}; {m['logical_cores']} logical cores ({m['usable_cores']} usable); "
+        f"{_fmt(m['memory_gb'], '.1f')} GB RAM; load average at start {m['load_average']}",
+        f"- GPU: {m['cuda'] or 'none'}",
+        f"- torch {m['torch']} ({m['torch_threads']} threads), SimpleITK {m['simpleitk']} "
+        f"({m['simpleitk_threads']} threads), numpy {m['numpy']}, Python {m['python']}, airreg {m['airreg']}",
+        f"- {m['platform']}",
+        f"- total benchmark time: {report['seconds']:.0f} s",
+    ]
+    if report["protocols"]:
+        lines += [
+            "",
+            "Figures: `tre_boxplots.png` (TRE per method and protocol), `dscore_vs_tre.png` (AIR-net D-score of "
+            "the start and of every method's result against its TRE).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _throughput_and_methods_lines(report: dict) -> list[str]:
+    """The training-throughput table and the methods' settings (sections of a full run)."""
+    lines = [
         "## Training throughput (synthetic cache of random arrays)",
         "",
         "| preset | grid (S, H, W) | width | device | threads | batch | s / iteration | pairs / s "
@@ -688,20 +802,21 @@ def markdown(report: dict) -> str:
         f"pair(s); peak Python MB = tracemalloc peak (Python and NumPy allocations only, not torch or ITK), "
         f"peak RSS +MB = {report['settings']['memory_method']}, above the level at the start of the method.",
         "",
-        "## Machine",
-        "",
-        f"- CPU: {m['cpu']}; {m['logical_cores']} logical cores ({m['usable_cores']} usable); "
-        f"{_fmt(m['memory_gb'], '.1f')} GB RAM; load average at start {m['load_average']}",
-        f"- GPU: {m['cuda'] or 'none'}",
-        f"- torch {m['torch']} ({m['torch_threads']} threads), SimpleITK {m['simpleitk']} "
-        f"({m['simpleitk_threads']} threads), numpy {m['numpy']}, Python {m['python']}, airreg {m['airreg']}",
-        f"- {m['platform']}",
-        f"- total benchmark time: {report['seconds']:.0f} s",
-        "",
-        "Figures: `tre_boxplots.png` (TRE per method and protocol), `dscore_vs_tre.png` (AIR-net D-score of the "
-        "start and of every method's result against its TRE).",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _inputs_line(inputs: dict) -> str:
+    line = (
+        f"Timed pairs: MR {inputs['mr_megavoxels']:.2f} M voxels, TRUS {inputs['trus_megavoxels']:.2f} M voxels "
+        "(mean)"
+    )
+    upsampled = [
+        f"{what} to {inputs[key]:g} mm"
+        for what, key in (("TRUS", "trus_spacing_mm"), ("MR in-plane", "mr_inplane_spacing_mm"))
+        if inputs[key]
+    ]
+    return line + (", upsampled: " + ", ".join(upsampled) if upsampled else "") + "."
 
 
 def _goal(proto: dict) -> dict | None:
@@ -761,11 +876,20 @@ def run_benchmark(
     device: str = "auto",
     elastix: bool = True,
     command: str | None = None,
+    latency_only: bool = False,
+    threads: Sequence[int] = (1, 2),
+    batch: int = 16,
+    bf16: bool = False,
+    trus_spacing_mm: float | None = None,
+    mr_inplane_mm: float | None = None,
 ) -> dict:
     """Run the benchmark and write ``benchmark.json``, ``benchmark.md``, ``tre_boxplots.png`` and
     ``dscore_vs_tre.png`` in ``out``; returns the report (the JSON's content plus ``markdown``).
 
     ``elastix=False`` skips elastix even when itk-elastix is installed (loading it takes tens of seconds).
+    ``latency_only`` times AIR-net alone (no protocols, no training throughput, no figures), with ``threads``
+    CPU thread counts, ``batch`` pairs in the batched rows (``bf16``: also under bf16 autocast), the images
+    upsampled first when ``trus_spacing_mm`` / ``mr_inplane_mm`` are given (see :func:`upsampled_cases`).
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -773,29 +897,40 @@ def run_benchmark(
     cases = data.load_dataset(Path(data_root), require_gt=True, progress=progress)
     if quick:
         cases = cases[:QUICK_CASES]
+    n_lat, repeats = (2, 2) if quick else (5, 5)
+    if trus_spacing_mm or mr_inplane_mm:
+        cases = upsampled_cases(cases[:n_lat], trus_spacing_mm, mr_inplane_mm)
     registrar = Registrar.from_checkpoint(model, device, AIRNET_ITERATIONS)
-    methods, skipped, elastix_note = build_methods(registrar, cases, quick, elastix, seed)
+    methods, skipped, elastix_note = build_methods(
+        registrar, cases, quick, elastix and not latency_only, seed
+    )
     memory_cases = 1 if quick else 3
     sections = {"setup": time.perf_counter() - t_start}
     protocols = {}
-    for dof in dofs:
+    for dof in () if latency_only else dofs:
         t0 = time.perf_counter()
         protocols[f"{dof}-DOF"] = run_protocol(dof, cases, methods, registrar, seed, memory_cases, progress)
         sections[f"{dof}-DOF"] = time.perf_counter() - t0
     t0 = time.perf_counter()
 
     latency = []
-    n_lat, repeats = (2, 2) if quick else (5, 5)
-    for threads in (1, 2):
-        latency += airnet_latency(registrar, cases, threads, n_lat, repeats)
-    if torch.cuda.is_available():
+    if registrar.device.type == "cpu":
+        for n in threads:
+            latency += airnet_latency(registrar, cases, n, n_lat, repeats, batch, bf16)
+    else:
+        latency += airnet_latency(registrar, cases, None, n_lat, repeats, batch, bf16)
+    if torch.cuda.is_available() and registrar.device.type == "cpu" and not latency_only:
         gpu = Registrar.from_checkpoint(model, "cuda", AIRNET_ITERATIONS)
-        latency += airnet_latency(gpu, cases, None, n_lat, repeats)
+        latency += airnet_latency(gpu, cases, None, n_lat, repeats, batch, bf16)
     from .distributed import select_device
 
     sections["latency"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    throughput, throughput_skipped = throughput_table(select_device(device), quick, progress)
+    throughput, throughput_skipped = (
+        ([], {"all": "skipped with --latency-only"})
+        if latency_only
+        else throughput_table(select_device(device), quick, progress)
+    )
     sections["throughput"] = time.perf_counter() - t0
 
     report = {
@@ -815,7 +950,7 @@ def run_benchmark(
             "grid": list(registrar.config.grid.size),
             "iterations": AIRNET_ITERATIONS,
         },
-        "methods": list(methods),
+        "methods": list(methods) if protocols else [],
         "skipped_methods": skipped,
         "elastix": elastix_note,
         "settings": {
@@ -829,11 +964,13 @@ def run_benchmark(
         "latency": latency,
         "throughput": throughput,
         "throughput_skipped": throughput_skipped,
+        "inputs": _input_sizes(cases[:n_lat], trus_spacing_mm, mr_inplane_mm),
     }
     report["goal"] = {k: g for k, p in protocols.items() if (g := _goal(p)) is not None}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _figures(report, out)
+    if protocols:
+        _figures(report, out)
     sections["figures"] = time.perf_counter() - t0
     report["section_seconds"] = sections
     report["seconds"] = time.perf_counter() - t_start
@@ -842,6 +979,16 @@ def run_benchmark(
     write_text(out / "benchmark.md", text)
     report["markdown"] = text
     return report
+
+
+def _input_sizes(cases: Sequence[data.Case], trus_mm: float | None, mr_inplane_mm: float | None) -> dict:
+    """Voxel counts of the timed pairs' images (mean), and the upsampling asked for."""
+    return {
+        "mr_megavoxels": float(np.mean([np.prod(c.mr.GetSize()) for c in cases])) / 1e6,
+        "trus_megavoxels": float(np.mean([np.prod(c.trus.GetSize()) for c in cases])) / 1e6,
+        "trus_spacing_mm": trus_mm,
+        "mr_inplane_spacing_mm": mr_inplane_mm,
+    }
 
 
 def _memory_method(fallback: bool = False) -> str:
@@ -870,4 +1017,16 @@ def command_line(args) -> str:
         parts += ["--device", args.device]
     if args.no_elastix:
         parts.append("--no-elastix")
+    if args.latency_only:
+        parts.append("--latency-only")
+    if list(args.threads) != [1, 2]:
+        parts += ["--threads", *map(str, args.threads)]
+    if args.batch != 16:
+        parts += ["--batch", str(args.batch)]
+    if args.bf16:
+        parts.append("--bf16")
+    if args.trus_spacing:
+        parts += ["--trus-spacing", f"{args.trus_spacing:g}"]
+    if args.mr_inplane_spacing:
+        parts += ["--mr-inplane-spacing", f"{args.mr_inplane_spacing:g}"]
     return shlex.join(parts)

@@ -19,6 +19,7 @@ A pair is flagged ("warning") when ``p_failure >= 0.5``; also when a model's pat
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -106,9 +107,21 @@ class Calibration:
         if self.statistic not in ("critic", "contrast"):
             raise ValueError(f"unknown calibration statistic {self.statistic!r}")
 
-    @property
+    # The fits below are made once per calibration and kept: a verdict then costs microseconds, not milliseconds.
+
+    @cached_property
     def _knots(self) -> tuple[np.ndarray, np.ndarray]:
         return isotonic_decreasing(np.array(self.critic), np.array(self.tre_mm))
+
+    @cached_property
+    def _logistic(self) -> dict[float, tuple[float, float] | bool]:
+        """Per tolerance: the logistic fit's (a, b), or the constant answer when every pair is on one side."""
+        return {}
+
+    @cached_property
+    def _d_score_center(self) -> tuple[float, float]:
+        c = np.array(self.critic)
+        return float(np.median(c)), float(np.subtract(*np.percentile(c, [75, 25]))) or 1.0
 
     def expected_tre_mm(self, critic: float) -> float:
         """Expected TRE for a critic value (isotonic fit, constant beyond the calibrated range)."""
@@ -117,17 +130,22 @@ class Calibration:
 
     def p_failure(self, critic: float, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> float:
         """P(TRE > tolerance | critic) from a logistic fit on the calibration pairs."""
-        labels = np.array(self.tre_mm) > tolerance_mm
-        if labels.all() or not labels.any():
-            return float(labels.all())
-        a, b = logistic_fit(np.array(self.critic), labels)
+        if tolerance_mm not in self._logistic:
+            labels = np.array(self.tre_mm) > tolerance_mm
+            constant = labels.all() or not labels.any()
+            self._logistic[tolerance_mm] = (
+                bool(labels.all()) if constant else logistic_fit(np.array(self.critic), labels)
+            )
+        fit = self._logistic[tolerance_mm]
+        if isinstance(fit, bool):
+            return float(fit)
+        a, b = fit
         return float(1.0 / (1.0 + np.exp(-(a + b * critic))))
 
     def d_score(self, critic: float) -> float:
         """Displayed D-score in (0, 1): the critic value standardised on the calibration set, through a sigmoid."""
-        c = np.array(self.critic)
-        scale = float(np.subtract(*np.percentile(c, [75, 25]))) or 1.0
-        return float(1.0 / (1.0 + np.exp(-(critic - float(np.median(c))) / scale)))
+        mid, scale = self._d_score_center
+        return float(1.0 / (1.0 + np.exp(-(critic - mid) / scale)))
 
     def to_dict(self) -> dict:
         return {

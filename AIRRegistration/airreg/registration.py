@@ -188,7 +188,7 @@ class Registrar:
         trus = pair.trus_cache[None, None].expand(transforms.shape[0], 1, *pair.trus_cache.shape)
         return preprocessing.sample_trus(trus, self.config.grid, self.config.dof, transforms)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _critic(
         self, pair: preprocessing.PreparedPair, transforms: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -208,7 +208,7 @@ class Registrar:
         )
         return stats[name].cpu().numpy(), coverage.cpu().numpy(), stacks
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _patient_logit(self, pair: preprocessing.PreparedPair, trus_stack: torch.Tensor) -> float | None:
         """The patient check's value for one (S, H, W) TRUS stack on the grid; None if the model has no check."""
         if self.patient_net is None:
@@ -238,7 +238,7 @@ class Registrar:
             inputs,
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def register(
         self,
         mr: sitk.Image,
@@ -305,7 +305,7 @@ class Registrar:
         """Quality verdict on any given MR->TRUS LPS alignment (manual, another tool's, ...)."""
         return self.inspect(mr, trus, transform)[2]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def inspect(
         self, mr: sitk.Image, trus: sitk.Image, transform: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, QualityResult]:
