@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import geometry
 from .errors import InputError
-from .fileio import atomic_path, write_text
+from .fileio import atomic_path, check_name, write_text
 
 #: File suffixes read as images (lower case); a folder with the stem's name is read as a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -41,6 +41,11 @@ MUREGPRO_SPLITS = ("train", "val")
 MUREGPRO_FOLDERS = ("mr_images", "us_images", "mr_labels", "us_labels")
 #: SimpleITK metadata key of the DICOM PatientID (0010,0020), kept on images read from DICOM.
 PATIENT_ID_KEY = "0010|0020"
+#: Largest voxel magnitude accepted: images are processed as float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Share of a gland mask's voxels that must lie inside its image's grid (a mask elsewhere is the wrong file
+#: or has a wrong header).
+MASK_INSIDE_MIN = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +95,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
 
 def _read_raw(path: Path, what: str) -> sitk.Image:
     """Read a file or a DICOM-series folder without validation."""
-    path = Path(path)
+    path = check_name(path, what)
     if path.is_dir():
         return _read_dicom_series(path, what)
     if not path.is_file():
@@ -131,6 +136,11 @@ def read_image(path: Path, what: str = "image") -> sitk.Image:
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise InputError(f"{path}: {what} is constant (every voxel is {low:g})")
+    if max(-low, high) > FLOAT32_MAX:  # float64 data beyond float32 would become Inf in the cast below
+        raise InputError(
+            f"{path}: {what} has voxel values beyond the float32 range (from {low:.3g} to {high:.3g}); "
+            "rescale the image"
+        )
     result = sitk.Cast(image, sitk.sitkFloat32)
     identifier = patient_id(image)
     if identifier is not None:  # Cast drops the metadata
@@ -180,6 +190,20 @@ def read_mask(path: Path, what: str = "mask") -> sitk.Image:
     image = _read_raw(path, what)
     _check_volume(image, path, what)
     return _binarize(image, path, what)
+
+
+def check_mask_inside(mask: sitk.Image, image: sitk.Image, path: Path, what: str) -> None:
+    """Refuse a mask whose voxels mostly lie outside ``image``'s grid (it belongs elsewhere, or its header lies)."""
+    inside_xyz = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(float)
+    world = _voxels_to_lps(mask, inside_xyz)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    index = (world - np.asarray(image.GetOrigin())) @ direction / np.asarray(image.GetSpacing())  # (N, 3) xyz
+    size = np.asarray(image.GetSize(), dtype=float)
+    share = float(np.mean(np.all((index >= -0.5) & (index <= size - 0.5), axis=1)))
+    if share < MASK_INSIDE_MIN:
+        raise InputError(
+            f"{path}: mask does not overlap the {what} ({share:.0%} of its voxels lie inside the image's grid)"
+        )
 
 
 def find_image(folder: Path, stem: str) -> Path | None:
@@ -276,10 +300,16 @@ def _read_folder_case(folder: Path, require_gt: bool) -> Case:
     if (folder / "landmarks.csv").is_file():
         names, lm_mr, lm_trus = read_landmarks(folder / "landmarks.csv")
     masks = {s: read_mask(p, f"{s} mask") if p else None for s, p in paths.items() if s.endswith("prostate")}
+    mr, trus = read_image(paths["mr"], "MR image"), read_image(paths["trus"], "TRUS image")
+    for stem, image in (("mr", mr), ("trus", trus)):
+        if masks[f"{stem}_prostate"] is not None:
+            check_mask_inside(
+                masks[f"{stem}_prostate"], image, paths[f"{stem}_prostate"], f"{stem.upper()} image"
+            )
     return Case(
         case_id=folder.name,
-        mr=read_image(paths["mr"], "MR image"),
-        trus=read_image(paths["trus"], "TRUS image"),
+        mr=mr,
+        trus=trus,
         gt=geometry.read_transform(gt_path) if gt_path else None,
         landmarks_mr=lm_mr,
         landmarks_trus=lm_trus,
@@ -472,6 +502,16 @@ def is_muregpro(root: Path) -> bool:
 
 def _case_name(filename: str) -> str:
     return filename[: -len(".nii.gz")] if filename.endswith(".nii.gz") else Path(filename).stem
+
+
+def case_files(case: Path) -> list[Path]:
+    """The files a case is read from (as listed by :func:`list_cases`): every file in its folder, or the
+    µRegPro images and labels of that name."""
+    case = Path(case)
+    if not case.exists() and _is_muregpro_split(case.parent):
+        candidates = [case.parent / sub / f"{case.name}.nii.gz" for sub in MUREGPRO_FOLDERS]
+        return [p for p in candidates if p.is_file()]
+    return sorted(p for p in case.rglob("*") if p.is_file())
 
 
 def list_muregpro_cases(root: Path) -> list[tuple[Path, str]]:
