@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AirRegError, InputError
-from .fileio import check_distinct, check_writable, output_set, write_json
+from .fileio import check_distinct, check_name, check_writable, output_set, write_json
 
 DISCLAIMER = (
     "The bundled model was trained on synthetic phantoms only: it is not for clinical use until trained and "
@@ -503,8 +503,16 @@ def _sha256(path: Path) -> str:
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be refused before a command runs: file names, outputs that would overwrite an input
     or each other, outputs that cannot be written, the same image given twice, the device."""
+    if getattr(args, "out", None) is not None:
+        check_name(args.out, "--out")
     outputs = _outputs(args)
     check_distinct(_inputs(args), outputs)
+    if args.command == "phantom":  # a folder of case folders: the first case's last file stands for them
+        check_writable(args.out / "case0000" / "case.json")
+    if args.command == "register":
+        from .geometry import check_transform_suffix
+
+        check_transform_suffix(args.out_transform)
     for path in outputs.values():
         if path is not None:
             check_writable(path)

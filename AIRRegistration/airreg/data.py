@@ -19,7 +19,10 @@ Every image is validated on reading; problems raise :class:`InputError` with one
 from __future__ import annotations
 
 import csv
+import gzip
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +104,54 @@ def _read_raw(path: Path, what: str) -> sitk.Image:
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: {what} is not a readable image file") from exc
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path, what)
+    return image
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Where a NIfTI-1 or NIfTI-2 header says its voxel data ends (bytes from the file start), or None."""
+    for order in "<>":
+        if struct.unpack(f"{order}i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            bitpix, offset = (
+                struct.unpack(f"{order}h", header[72:74])[0],
+                struct.unpack(f"{order}f", header[108:112])[0],
+            )
+            break
+        if struct.unpack(f"{order}i", header[:4])[0] == 540 and len(header) >= 540:  # NIfTI-2
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            bitpix, offset = (
+                struct.unpack(f"{order}h", header[14:16])[0],
+                struct.unpack(f"{order}q", header[168:176])[0],
+            )
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1 : dims[0] + 1]) or bitpix <= 0:
+        return None
+    return int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
+
+
+def _check_nifti_complete(path: Path, what: str) -> None:
+    """Refuse a NIfTI file whose voxel data (or gzip stream) ends early: ITK 5.4 fills the missing voxels with 0."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(544)
+            length = len(header)
+            while block := fh.read(1 << 22):
+                length += len(block)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: {what} is truncated or corrupt ({exc})") from None
+    end = _nifti_data_end(header)
+    if end is not None and length < end:
+        raise InputError(
+            f"{path}: {what} is truncated (its header needs {end} bytes of data, the file has {length})"
+        )
 
 
 def _check_volume(image: sitk.Image, path: Path, what: str) -> np.ndarray:

@@ -217,9 +217,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     handed_over = False
     # the name is known before the file exists, so a signal at any point leaves no temporary file behind
     try:
-        os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # give the result ordinary permissions
+        try:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_UMASK)  # give the result ordinary permissions
+        except OSError as exc:  # disk full, file size limit, permissions: name the output, not the temporary
+            raise InputError(f"{printable(target)}: cannot be written ({exc.strerror or exc})") from exc
         outputs = _ACTIVE.get()
         if outputs is None or outputs.at_once:
             os.replace(tmp_path, target)

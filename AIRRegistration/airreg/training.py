@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -171,7 +172,8 @@ def content_fingerprint(cases: Sequence[Path]) -> str:
     for case in cases:
         for path in data.case_files(case):
             stat = path.stat()
-            digest.update(f"{path.relative_to(case.parent)}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+            name = os.fsencode(path.relative_to(case.parent))  # bytes: a name need not be UTF-8
+            digest.update(name + f"|{stat.st_size}|{stat.st_mtime_ns}|".encode())
             with path.open("rb") as fh:
                 for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     digest.update(block)
