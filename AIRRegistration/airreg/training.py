@@ -135,7 +135,7 @@ def build_cache(
     with written_at_once(remove_on_failure=False):  # a working file, kept even when the run's outputs are not
         for name, array in arrays.items():
             atomic_write(folder / f"{name}.npy", lambda tmp, a=array: np.save(tmp, a))
-        write_text(folder / "ids.json", json.dumps([c.case_id for c in cases]))
+        write_text(folder / "ids.json", json.dumps([c.case_id for c in cases], allow_nan=False))
     return open_cache(folder)
 
 
