@@ -452,6 +452,8 @@ def collision_rows() -> list[Row]:
             "would overwrite the input --model",
         ),
     ]
+    folder = ("register", "--mr", "@in/bad/no-dicom", "--trus", "@in/bad/no-dicom/../no-dicom")
+    rows.append(Row("register-trus-is-mr-same-folder", folder + register()[5:], "same image as --mr"))
     same_trus = {
         "same-path": "@mr",
         "hard-link": "@in/links/mr-hard.nii.gz",

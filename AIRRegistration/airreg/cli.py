@@ -483,10 +483,15 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path | None]:
 
 def _check_pair(args: argparse.Namespace) -> None:
     """Refuse an MR and a TRUS that are the same file, or two files with the same content."""
-    if not (hasattr(args, "mr") and args.mr.is_file() and args.trus.is_file()):
+    if not (hasattr(args, "mr") and args.mr.exists() and args.trus.exists()):
         return
     same = args.mr.resolve() == args.trus.resolve() or os.path.samefile(args.mr, args.trus)
-    if not same and args.mr.stat().st_size == args.trus.stat().st_size:
+    if (
+        not same
+        and args.mr.is_file()
+        and args.trus.is_file()
+        and args.mr.stat().st_size == args.trus.stat().st_size
+    ):
         same = _sha256(args.mr) == _sha256(args.trus)
     if same:
         raise InputError(f"{args.trus}: --trus is the same image as --mr ({args.mr}); give the TRUS volume")
@@ -509,13 +514,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_distinct(_inputs(args), outputs)
     if args.command == "phantom":  # a folder of case folders: the first case's last file stands for them
         check_writable(args.out / "case0000" / "case.json")
+    for path in outputs.values():
+        if path is not None:
+            check_writable(path)
     if args.command == "register":
         from .geometry import check_transform_suffix
 
         check_transform_suffix(args.out_transform)
-    for path in outputs.values():
-        if path is not None:
-            check_writable(path)
     _check_pair(args)
     if hasattr(args, "device"):
         from .distributed import check_device_name
