@@ -496,3 +496,48 @@ def test_muregpro_without_labels_has_no_gt(tmp_path: Path) -> None:
     assert data.read_muregpro_case(split, "case000080").gt is None
     with raises_naming(split / "mr_labels", "no ground truth"):
         data.load_dataset(split, progress=False)
+
+
+# --- masks against their image, float64 range, truncated NIfTI (issue 14) ------------------------------------
+
+
+def _box_image(size=(20, 20, 10), spacing=(1.0, 1.0, 2.0), origin=(5.0, -3.0, 7.0)) -> sitk.Image:
+    image = sitk.Image(size, sitk.sitkUInt8)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+@pytest.mark.parametrize(("shift_mm", "accepted"), [(0.0, True), (4.0, True), (15.0, False), (500.0, False)])
+def test_a_mask_must_lie_mostly_inside_its_image(shift_mm, accepted):
+    image = _box_image()
+    mask = _box_image()
+    mask[:, :, :] = (
+        1  # the mask fills the image's grid: shifted by x mm along x, (20 - x) / 20 of it stays inside
+    )
+    mask.SetOrigin((5.0 + shift_mm, -3.0, 7.0))
+    if accepted:
+        data.check_mask_inside(mask, image, Path("mr_prostate.nii.gz"), "MR image")
+    else:
+        with pytest.raises(InputError, match=r"mr_prostate\.nii\.gz: mask does not overlap the MR image"):
+            data.check_mask_inside(mask, image, Path("mr_prostate.nii.gz"), "MR image")
+
+
+def test_float64_values_beyond_float32_are_named_not_called_nan(tmp_path):
+    array = np.linspace(-1e300, 1e300, 8 * 8 * 8).reshape(8, 8, 8)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "huge.nrrd"))
+    with pytest.raises(InputError, match=r"huge\.nrrd: MR image has voxel values beyond the float32 range"):
+        data.read_image(tmp_path / "huge.nrrd", "MR image")
+    sitk.WriteImage(sitk.GetImageFromArray(array * 1e-290), str(tmp_path / "fine.nrrd"))
+    assert data.read_image(tmp_path / "fine.nrrd").GetPixelID() == sitk.sitkFloat32
+
+
+@pytest.mark.parametrize("name", ["t.nii", "t.nii.gz"])
+def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tmp_path, name):
+    array = np.arange(16 * 16 * 16, dtype=np.float32).reshape(16, 16, 16)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+    assert data.read_image(tmp_path / name).GetSize() == (16, 16, 16)
+    raw = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(raw[: len(raw) * 3 // 4])
+    with pytest.raises(InputError, match="is truncated"):
+        data.read_image(tmp_path / name)

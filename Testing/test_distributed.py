@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from airreg import checkpoint, distributed, training
 from airreg.config import TrainConfig, preset
+from airreg.errors import InputError
 from airreg.registration import Registrar
 from airreg.training import train
 
@@ -256,3 +257,11 @@ def test_only_rank_zero_builds_cache_and_writes(runs):
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == runs["cache_files"]
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "val"]
     assert runs["logs"].count("model written to") >= 1
+
+
+@pytest.mark.parametrize("name", ["bogus", "gpu", "", "cpu:0", "cuda:x", "cuda:-1"])
+def test_an_unknown_device_is_a_clear_input_error(name):
+    with pytest.raises(InputError, match="expected auto, cpu, cuda or cuda:N"):
+        distributed.select_device(name)
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        assert distributed.check_device_name(good) == good

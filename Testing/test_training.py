@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from scipy import stats
 
 from airreg import checkpoint, distributed, resampling, training
 from airreg.config import TrainConfig, preset
-from airreg.errors import ModelError
+from airreg.errors import InputError, ModelError
 from airreg.training import Trainer
 from conftest import TINY_EPOCHS, TINY_TRAIN_KW
 
@@ -173,6 +174,39 @@ def test_cache_is_reused_not_rebuilt(tiny_dataset, tiny_run, tmp_path, monkeypat
     assert sorted(p.name for p in (out / "cache").iterdir()) == sorted(
         p.name for p in (tiny_run / "cache").iterdir()
     )
+
+
+def test_cache_is_rebuilt_when_a_case_file_changes_even_with_its_size_and_mtime_kept(tiny_dataset, tmp_path):
+    root = shutil.copytree(tiny_dataset, tmp_path / "data")
+    out = tmp_path / "run"
+    train_cache, _ = training.split_caches(root, out, cpu_trainer(), progress=False)
+    case = train_cache.ids[0]
+    landmarks = root / case / "landmarks.csv"
+    stat = landmarks.stat()
+    lines = landmarks.read_text().splitlines()
+    row = lines[1].split(",")
+    row[1] = row[1][:-1] + ("1" if row[1][-1] != "1" else "2")  # the last digit of the first MR coordinate
+    changed = "\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n"
+    assert len(changed) == stat.st_size
+    landmarks.write_text(changed)
+    os.utime(landmarks, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    rebuilt, _ = training.split_caches(root, out, cpu_trainer(), progress=False)
+    assert len(list((out / "cache").glob("train-*"))) == 2
+    assert not np.allclose(rebuilt.points[0], train_cache.points[0], equal_nan=True)
+    np.testing.assert_array_equal(rebuilt.mr, train_cache.mr)  # only the landmarks changed
+
+
+def test_a_truncated_cache_is_rebuilt_and_reads_as_a_clear_error(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    cache, _ = training.split_caches(tiny_dataset, out, cpu_trainer(), progress=False)
+    expected = np.array(cache.mr)
+    folder = next((out / "cache").glob("train-*"))
+    raw = (folder / "mr.npy").read_bytes()
+    (folder / "mr.npy").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match="damaged training cache"):
+        training.open_cache(folder)
+    rebuilt, _ = training.split_caches(tiny_dataset, out, cpu_trainer(), progress=False)
+    np.testing.assert_array_equal(np.array(rebuilt.mr), expected)
 
 
 def test_cache_key_depends_on_what_the_cache_holds():

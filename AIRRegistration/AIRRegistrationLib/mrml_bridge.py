@@ -608,8 +608,11 @@ def warning_without_patient_ids(
 
 
 def write_report(path: str | os.PathLike, report: Mapping[str, Any], overwrite: bool = False) -> Path:
-    """Write a report as JSON, atomically."""
-    text = json.dumps(report, indent=2, sort_keys=True, default=_json_default)
+    """Write a report as strict JSON (NaN or Inf refused: they are not JSON), atomically."""
+    try:
+        text = json.dumps(report, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    except ValueError as exc:
+        raise InputError(f"{path}: refused to write NaN or Inf into a JSON report ({exc})") from None
     return write_text(_check_target(path, overwrite), text + "\n")
 
 

@@ -41,7 +41,6 @@ earlier step had a higher peak).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
@@ -62,7 +61,7 @@ from . import __version__, data, geometry, resampling
 from .config import TrainConfig, preset
 from .errors import AirRegError
 from .evaluation import random_starts, summary_stats, tre_mm, tre_points
-from .fileio import write_text
+from .fileio import write_json, write_text
 from .plotting import box_plots, scatter
 from .registration import Registrar, centers_aligned
 
@@ -975,7 +974,7 @@ def run_benchmark(
     report["section_seconds"] = sections
     report["seconds"] = time.perf_counter() - t_start
     text = markdown(report)
-    write_text(out / "benchmark.json", json.dumps(report, indent=2, default=_json_default))
+    write_json(out / "benchmark.json", report, undefined_as_null=True, default=_json_default)
     write_text(out / "benchmark.md", text)
     report["markdown"] = text
     return report

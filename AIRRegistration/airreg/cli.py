@@ -6,15 +6,17 @@ Errors in the input (AirRegError) are printed as one line and exit with status 2
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import AirRegError
-from .fileio import check_writable, write_text
+from .errors import AirRegError, InputError
+from .fileio import check_distinct, check_name, check_writable, output_set, write_json
 
 DISCLAIMER = (
     "The bundled model was trained on synthetic phantoms only: it is not for clinical use until trained and "
@@ -322,7 +324,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .training import recalibrate
 
-    check_writable(args.out)
     print(
         f"calibrated model written to {recalibrate(args.model, args.data, args.out, args.split, args.device)}"
     )
@@ -332,7 +333,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_calibrate_ood(args: argparse.Namespace) -> int:
     from .ood_calibration import calibrate_ood
 
-    check_writable(args.out)
     summary = calibrate_ood(
         args.model, args.data, args.out, args.held_out, args.pass_rate, args.seed, args.device
     )
@@ -360,7 +360,6 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
     from .config import CriticConstraint, CriticObjective, OtherPatientPairs
     from .training import refine_critic
 
-    check_writable(args.out)
     _use_threads(args.threads)
     path = refine_critic(
         args.model,
@@ -383,7 +382,6 @@ def _cmd_refine_critic(args: argparse.Namespace) -> int:
 def _cmd_train_patient_check(args: argparse.Namespace) -> int:
     from .patient_check_training import train_patient_check
 
-    check_writable(args.out)
     _use_threads(args.threads)
     path = train_patient_check(
         args.model,
@@ -406,9 +404,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .registration import Registrar
     from .targets import TargetFiles, coverage_warnings
 
-    for output in (args.out_transform, args.ras_matrix, args.report, args.overlay):
-        if output is not None:
-            check_writable(output)
     target_files = TargetFiles.read(
         args.targets,
         args.out_targets,
@@ -425,7 +420,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         write_matrix_text(args.ras_matrix, result.mr_to_trus)
     mapped = target_files.write(result.mr_to_trus, trus)
     if args.report:
-        write_text(args.report, json.dumps({**result.report(str(args.out_transform)), **mapped}, indent=2))
+        write_json(args.report, {**result.report(str(args.out_transform)), **mapped})
     if args.overlay:
         from .evaluation import overlay_png
 
@@ -550,23 +545,156 @@ COMMANDS = {
 }
 
 
+#: Files each command writes into its --out folder (checked against the inputs before anything runs).
+FOLDER_OUTPUTS = {
+    "train": ("model.pt", "log.csv", "loss_curves.png"),  # not last.pt: resuming from it is the normal use
+    "evaluate": ("cases.csv", "summary.json", "summary.md", "boxplots.png", "dscore_vs_tre.png"),
+    "demo": ("transform.tfm", "transform_ras.txt", "report.json", "overlay.png", "case"),
+    "benchmark": ("benchmark.json", "benchmark.md", "tre_boxplots.png", "dscore_vs_tre.png"),
+}
+#: Files written beside a model file's --out (suffixes of its stem), by the commands that write a model.
+MODEL_SIDE_OUTPUTS = {
+    "refine-critic": ("-critic-log.csv", "-critic-curves.png"),
+    "train-patient-check": ("-patient-check-log.csv", "-patient-check-curves.png"),
+}
+#: Commands whose outputs are published together only when the whole run succeeds (see fileio.output_set);
+#: train keeps its checkpoints as it goes (for --resume) and phantom reads back each case it writes.
+OUTPUT_SET_COMMANDS = frozenset(
+    {
+        "register",
+        "calibrate",
+        "calibrate-ood",
+        "refine-critic",
+        "train-patient-check",
+        "evaluate",
+        "demo",
+        "benchmark",
+    }
+)
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The input paths of a parsed command, keyed by their option."""
+    names = ("mr", "trus", "init", "transform", "data", "resume", "held_out", "targets", "segmentation")
+    found = {f"--{n}": getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if hasattr(args, "model"):
+        from .checkpoint import resolve
+
+        found["--model"] = resolve(args.model)
+    return found
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The output files of a parsed command, keyed by their option (and file name, for an --out folder)."""
+    if args.command == "register":
+        names = ("out_transform", "report", "ras_matrix", "overlay", "out_targets", "out_segmentation")
+        return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
+    if args.command in FOLDER_OUTPUTS:
+        return {f"--out ({name})": args.out / name for name in FOLDER_OUTPUTS[args.command]}
+    if args.command in ("calibrate", "calibrate-ood", *MODEL_SIDE_OUTPUTS):
+        side = MODEL_SIDE_OUTPUTS.get(args.command, ())
+        return {
+            "--out": args.out,
+            **{f"--out ({s[1:]})": args.out.with_name(args.out.stem + s) for s in side},
+        }
+    return {}
+
+
+def _check_pair(args: argparse.Namespace) -> None:
+    """Refuse an MR and a TRUS that are the same file, or two files with the same content."""
+    if not (hasattr(args, "mr") and args.mr.exists() and args.trus.exists()):
+        return
+    same = args.mr.resolve() == args.trus.resolve() or os.path.samefile(args.mr, args.trus)
+    if (
+        not same
+        and args.mr.is_file()
+        and args.trus.is_file()
+        and args.mr.stat().st_size == args.trus.stat().st_size
+    ):
+        same = _sha256(args.mr) == _sha256(args.trus)
+    if same:
+        raise InputError(f"{args.trus}: --trus is the same image as --mr ({args.mr}); give the TRUS volume")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be refused before a command runs: file names, outputs that would overwrite an input
+    or each other, outputs that cannot be written, the same image given twice, the device."""
+    if getattr(args, "out", None) is not None:
+        check_name(args.out, "--out")
+    outputs = _outputs(args)
+    check_distinct(_inputs(args), outputs)
+    if args.command == "phantom":  # a folder of case folders: the first case's last file stands for them
+        check_writable(args.out / "case0000" / "case.json")
+    for path in outputs.values():
+        if path is not None:
+            check_writable(path)
+    if args.command == "register":
+        from .geometry import check_transform_suffix
+
+        check_transform_suffix(args.out_transform)
+    _check_pair(args)
+    if hasattr(args, "device"):
+        from .distributed import check_device_name
+
+        check_device_name(args.device)
+
+
+def _close_progress_bars() -> None:
+    """End any open tqdm bar (on its own line) so that an error message starts on a new line."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+            bar.close()
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM unwinds like an error, so temporary files and unpublished outputs are removed."""
+    raise SystemExit(128 + signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments, then run the command (its outputs as one set where it has several)."""
+    check_arguments(args)
+    if args.command not in OUTPUT_SET_COMMANDS:
+        return COMMANDS[args.command](args)
+    with output_set():
+        return COMMANDS[args.command](args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit status (2 for bad input)."""
     for stream in (sys.stdout, sys.stderr):  # reports hold non-ASCII (ρ, µ, ±): never crash on a C locale
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
+    catch_term = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if catch_term else None
     try:
-        return COMMANDS[args.command](args)
-    except AirRegError as exc:
-        print(f"airreg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an output that cannot be written (disk full, permissions ...)
-        print(f"airreg {args.command}: error: {exc}", file=sys.stderr)
+        return run(args)
+    except (AirRegError, OSError) as exc:  # OSError: an output that cannot be written (disk full ...)
+        _close_progress_bars()
+        print(f"airreg {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"airreg {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception's message on one line (file names may hold newlines)."""
+    return " ".join(str(exc).splitlines())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ Every image is validated on reading; problems raise :class:`InputError` with one
 from __future__ import annotations
 
 import csv
+import gzip
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import InputError
-from .fileio import atomic_path, write_text
+from .fileio import atomic_path, check_name, write_text
 
 #: File suffixes read as images (lower case); a folder with the stem's name is read as a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -40,6 +43,11 @@ MUREGPRO_SPLITS = ("train", "val")
 MUREGPRO_FOLDERS = ("mr_images", "us_images", "mr_labels", "us_labels")
 #: SimpleITK metadata key of the DICOM PatientID (0010,0020), kept on images read from DICOM.
 PATIENT_ID_KEY = "0010|0020"
+#: Largest voxel magnitude accepted: images are processed as float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Share of a gland mask's voxels that must lie inside its image's grid (a mask elsewhere is the wrong file
+#: or has a wrong header).
+MASK_INSIDE_MIN = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,15 +97,60 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
 
 def _read_raw(path: Path, what: str) -> sitk.Image:
     """Read a file or a DICOM-series folder without validation."""
-    path = Path(path)
+    path = check_name(path, what)
     if path.is_dir():
         return _read_dicom_series(path, what)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: {what} is not a readable image file") from exc
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path, what)
+    return image
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Where a NIfTI-1 or NIfTI-2 header says its voxel data ends (bytes from the file start), or None."""
+    for order in "<>":
+        if struct.unpack(f"{order}i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            bitpix, offset = (
+                struct.unpack(f"{order}h", header[72:74])[0],
+                struct.unpack(f"{order}f", header[108:112])[0],
+            )
+            break
+        if struct.unpack(f"{order}i", header[:4])[0] == 540 and len(header) >= 540:  # NIfTI-2
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            bitpix, offset = (
+                struct.unpack(f"{order}h", header[14:16])[0],
+                struct.unpack(f"{order}q", header[168:176])[0],
+            )
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1 : dims[0] + 1]) or bitpix <= 0:
+        return None
+    return int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
+
+
+def _check_nifti_complete(path: Path, what: str) -> None:
+    """Refuse a NIfTI file whose voxel data (or gzip stream) ends early: ITK 5.4 fills the missing voxels with 0."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(544)
+            length = len(header)
+            while block := fh.read(1 << 22):
+                length += len(block)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: {what} is truncated or corrupt ({exc})") from None
+    end = _nifti_data_end(header)
+    if end is not None and length < end:
+        raise InputError(
+            f"{path}: {what} is truncated (its header needs {end} bytes of data, the file has {length})"
+        )
 
 
 def _check_volume(image: sitk.Image, path: Path, what: str) -> np.ndarray:
@@ -130,6 +183,11 @@ def read_image(path: Path, what: str = "image") -> sitk.Image:
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise InputError(f"{path}: {what} is constant (every voxel is {low:g})")
+    if max(-low, high) > FLOAT32_MAX:  # float64 data beyond float32 would become Inf in the cast below
+        raise InputError(
+            f"{path}: {what} has voxel values beyond the float32 range (from {low:.3g} to {high:.3g}); "
+            "rescale the image"
+        )
     result = sitk.Cast(image, sitk.sitkFloat32)
     identifier = patient_id(image)
     if identifier is not None:  # Cast drops the metadata
@@ -179,6 +237,20 @@ def read_mask(path: Path, what: str = "mask") -> sitk.Image:
     image = _read_raw(path, what)
     _check_volume(image, path, what)
     return _binarize(image, path, what)
+
+
+def check_mask_inside(mask: sitk.Image, image: sitk.Image, path: Path, what: str) -> None:
+    """Refuse a mask whose voxels mostly lie outside ``image``'s grid (it belongs elsewhere, or its header lies)."""
+    inside_xyz = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(float)
+    world = _voxels_to_lps(mask, inside_xyz)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    index = (world - np.asarray(image.GetOrigin())) @ direction / np.asarray(image.GetSpacing())  # (N, 3) xyz
+    size = np.asarray(image.GetSize(), dtype=float)
+    share = float(np.mean(np.all((index >= -0.5) & (index <= size - 0.5), axis=1)))
+    if share < MASK_INSIDE_MIN:
+        raise InputError(
+            f"{path}: mask does not overlap the {what} ({share:.0%} of its voxels lie inside the image's grid)"
+        )
 
 
 def find_image(folder: Path, stem: str) -> Path | None:
@@ -275,10 +347,16 @@ def _read_folder_case(folder: Path, require_gt: bool) -> Case:
     if (folder / "landmarks.csv").is_file():
         names, lm_mr, lm_trus = read_landmarks(folder / "landmarks.csv")
     masks = {s: read_mask(p, f"{s} mask") if p else None for s, p in paths.items() if s.endswith("prostate")}
+    mr, trus = read_image(paths["mr"], "MR image"), read_image(paths["trus"], "TRUS image")
+    for stem, image in (("mr", mr), ("trus", trus)):
+        if masks[f"{stem}_prostate"] is not None:
+            check_mask_inside(
+                masks[f"{stem}_prostate"], image, paths[f"{stem}_prostate"], f"{stem.upper()} image"
+            )
     return Case(
         case_id=folder.name,
-        mr=read_image(paths["mr"], "MR image"),
-        trus=read_image(paths["trus"], "TRUS image"),
+        mr=mr,
+        trus=trus,
         gt=geometry.read_transform(gt_path) if gt_path else None,
         landmarks_mr=lm_mr,
         landmarks_trus=lm_trus,
@@ -473,6 +551,16 @@ def is_muregpro(root: Path) -> bool:
 
 def _case_name(filename: str) -> str:
     return filename[: -len(".nii.gz")] if filename.endswith(".nii.gz") else Path(filename).stem
+
+
+def case_files(case: Path) -> list[Path]:
+    """The files a case is read from (as listed by :func:`list_cases`): every file in its folder, or the
+    µRegPro images and labels of that name."""
+    case = Path(case)
+    if not case.exists() and _is_muregpro_split(case.parent):
+        candidates = [case.parent / sub / f"{case.name}.nii.gz" for sub in MUREGPRO_FOLDERS]
+        return [p for p in candidates if p.is_file()]
+    return sorted(p for p in case.rglob("*") if p.is_file())
 
 
 def list_muregpro_cases(root: Path) -> list[tuple[Path, str]]:

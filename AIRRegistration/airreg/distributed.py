@@ -7,12 +7,15 @@ single process. NCCL is used on CUDA, Gloo on CPU.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,23 @@ class DistContext:
         return self.world_size > 1
 
 
+def check_device_name(requested: str) -> str:
+    """Refuse a device that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", requested):
+        raise InputError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    return requested
+
+
 def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; asking for CUDA without it falls back to CPU with a message."""
-    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    check_device_name(requested)
     if requested == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
+        if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return (
             torch.device(f"cuda:{local_rank}") if requested in ("auto", "cuda") else torch.device(requested)
         )

@@ -10,7 +10,6 @@ truth's images of the point).
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from . import data, geometry, resampling
 from .checkpoint import FLAG_NOT_CALIBRATED
 from .config import PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
 from .errors import AirRegError
-from .fileio import atomic_write, write_text
+from .fileio import atomic_write, write_json, write_text, written_at_once
 from .plotting import box_plots, fusion_panels, scatter
 from .quality import QualityResult, auroc
 from .registration import Registrar
@@ -322,7 +321,7 @@ def evaluate(
         iterations=iterations,
     )
     summary["markdown"] = markdown(summary, f"AIR-net evaluation ({dof}-DOF starts, seed {seed})")
-    write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary, undefined_as_null=True)
     write_text(out / "summary.md", summary["markdown"])
     col = {k: [r[k] for r in rows] for k in rows[0]}
     box_plots(
@@ -365,7 +364,8 @@ def demo(out: Path, seed: int, model: Path | None = None, device: str = "auto") 
     """Register one synthetic phantom pair (from a paper-protocol start) and write transform, report and overlay."""
     from .phantom import generate_case, write_case
 
-    case_folder = write_case(generate_case(seed), out / "case")
+    with written_at_once(remove_on_failure=True):  # read back below, still removed if the demo fails
+        case_folder = write_case(generate_case(seed), out / "case")
     case = data.read_case(case_folder, require_gt=True)
     registrar = Registrar.from_checkpoint(model, device, iterations=3)
     start = random_start(case, registrar.config.dof, np.random.default_rng(seed))
@@ -379,7 +379,7 @@ def demo(out: Path, seed: int, model: Path | None = None, device: str = "auto") 
         tre_mm_after=tre_mm(result.mr_to_trus, points),
         tre_source="landmarks" if case.landmarks_mr is not None else "ground truth on gland points",
     )
-    write_text(out / "report.json", json.dumps(report, indent=2))
+    write_json(out / "report.json", report)
     overlay_png(
         registrar,
         case.mr,

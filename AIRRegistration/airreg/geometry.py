@@ -270,11 +270,17 @@ def read_transform(path: str | os.PathLike) -> np.ndarray:
     return check_rigid(from_sitk(transform, str(path)), str(path))
 
 
-def write_transform(path: str | os.PathLike, mr_to_trus_lps: np.ndarray) -> Path:
-    """Write the MR->TRUS LPS resampling matrix as an ITK transform file (.tfm, .txt, .h5, .mat), atomically."""
+def check_transform_suffix(path: str | os.PathLike) -> Path:
+    """Refuse an output transform name whose suffix is not an ITK transform file type."""
     path = Path(path)
     if path.suffix.lower() not in _ITK_SUFFIXES:
         raise InputError(f"{path}: unknown transform file type (use .tfm, .txt, .h5 or .mat)")
+    return path
+
+
+def write_transform(path: str | os.PathLike, mr_to_trus_lps: np.ndarray) -> Path:
+    """Write the MR->TRUS LPS resampling matrix as an ITK transform file (.tfm, .txt, .h5, .mat), atomically."""
+    path = check_transform_suffix(path)
     m = check_rigid(mr_to_trus_lps, str(path))
     with atomic_path(path) as tmp:
         sitk.WriteTransform(to_sitk(m), str(tmp))

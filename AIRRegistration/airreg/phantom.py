@@ -1013,7 +1013,7 @@ def write_case(case: PhantomCase, folder: Path) -> Path:
     rows = [LANDMARK_HEADER]
     rows += [",".join([name, *(f"{v:.6f}" for v in (*m, *t))]) for name, m, t in case.landmarks]
     write_text(folder / "landmarks.csv", "\n".join(rows) + "\n")
-    write_text(folder / "case.json", json.dumps(case.params, indent=1) + "\n")
+    write_text(folder / "case.json", json.dumps(case.params, indent=1, allow_nan=False) + "\n")
     return folder
 
 

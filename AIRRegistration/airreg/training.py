@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -48,7 +49,7 @@ from .config import (
     TrainConfig,
 )
 from .errors import InputError, ModelError
-from .fileio import atomic_write, write_text
+from .fileio import atomic_write, write_text, written_at_once
 from .geometry import apply, invert
 from .intensity import NormalizationSpec
 from .networks import Discriminator, Generator
@@ -130,24 +131,61 @@ def build_cache(
     for i, p in enumerate(pts_list):
         points[i, : len(p)] = p
     arrays = {"mr": np.stack(mr_list), "trus": np.stack(trus_list), "points": points}
-    for name, array in arrays.items():
-        with open(folder / f".{name}.tmp.npy", "wb") as fh:
-            np.save(fh, array)
-        (folder / f".{name}.tmp.npy").replace(folder / f"{name}.npy")
-    write_text(folder / "ids.json", json.dumps([c.case_id for c in cases]))
+    (folder / "ids.json").unlink(missing_ok=True)  # ids.json marks a complete cache: written last
+    with written_at_once(remove_on_failure=False):  # a working file, kept even when the run's outputs are not
+        for name, array in arrays.items():
+            atomic_write(folder / f"{name}.npy", lambda tmp, a=array: np.save(tmp, a))
+        write_text(folder / "ids.json", json.dumps([c.case_id for c in cases], allow_nan=False))
     return open_cache(folder)
 
 
 def open_cache(folder: Path) -> CaseCache:
-    """Memory-map a cache written by :func:`build_cache` (no copy per rank)."""
-    ids = json.loads((folder / "ids.json").read_text())
-    load = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("mr", "trus", "points")}
+    """Memory-map a cache written by :func:`build_cache` (no copy per rank); a damaged cache is an InputError."""
+    try:
+        ids = json.loads((folder / "ids.json").read_text())
+        load = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("mr", "trus", "points")}
+    except (OSError, ValueError) as exc:  # truncated or missing .npy, bad JSON
+        raise InputError(
+            f"{folder}: damaged training cache ({exc}); delete the folder to rebuild it"
+        ) from None
+    if not isinstance(ids, list) or any(len(a) != len(ids) for a in load.values()):
+        raise InputError(
+            f"{folder}: damaged training cache (arrays and ids differ in length); delete the folder"
+        )
     return CaseCache(ids, load["mr"], load["trus"], load["points"])
 
 
-def cache_key(model: ModelConfig, normalization: NormalizationSpec, ids: Sequence[str]) -> str:
-    """A short hash of what a cache depends on, so a stale cache is never reused."""
-    text = json.dumps([model.to_dict(), normalization.to_dict(), list(ids)], sort_keys=True)
+def usable_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete cache that opens (a damaged one is rebuilt)."""
+    if not (folder / "ids.json").exists():
+        return False
+    try:
+        open_cache(folder)
+    except InputError:
+        return False
+    return True
+
+
+def content_fingerprint(cases: Sequence[Path]) -> str:
+    """A hash of the name, size, modification time and content of every file the cases are read from."""
+    digest = hashlib.sha256()
+    for case in cases:
+        for path in data.case_files(case):
+            stat = path.stat()
+            name = os.fsencode(path.relative_to(case.parent))  # bytes: a name need not be UTF-8
+            digest.update(name + f"|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+            with path.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(
+    model: ModelConfig, normalization: NormalizationSpec, ids: Sequence[str], content: str = ""
+) -> str:
+    """A short hash of what a cache depends on (``content``: :func:`content_fingerprint` of the cases' files),
+    so a stale cache is never reused."""
+    text = json.dumps([model.to_dict(), normalization.to_dict(), list(ids), content], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -652,9 +690,10 @@ def split_caches(
     for name, subset in (("train", train_ids), ("val", val_ids)):
         if name not in subsets:
             continue
-        folder = out / "cache" / f"{name}-{cache_key(trainer.model, trainer.normalization, subset)}"
-        if ctx.is_main and not (folder / "ids.json").exists():
-            chosen = [f for f in folders if f.name in set(subset)]
+        chosen = [f for f in folders if f.name in set(subset)]
+        key = cache_key(trainer.model, trainer.normalization, subset, content_fingerprint(chosen))
+        folder = out / "cache" / f"{name}-{key}"
+        if ctx.is_main and not usable_cache(folder):
             cases = [
                 data.read_case(f, require_gt=True)
                 for f in tqdm(chosen, desc=f"reading {name}", disable=not progress)
@@ -798,11 +837,12 @@ def recalibrate(
         )[0]
     else:
         cases = data.load_dataset(Path(data_root), require_gt=True, progress=progress)
-        key = cache_key(trainer.model, trainer.normalization, [c.case_id for c in cases])
+        content = content_fingerprint(data.list_cases(Path(data_root)))
+        key = cache_key(trainer.model, trainer.normalization, [c.case_id for c in cases], content)
         folder = out.parent / f"{out.stem}-calibration" / "cache" / f"all-{key}"
         cache = (
             open_cache(folder)
-            if (folder / "ids.json").exists()
+            if usable_cache(folder)
             else build_cache(cases, trainer.model, trainer.normalization, folder, progress)
         )
     calibration = trainer.calibrate(cache, other_patient=refined_other_patient(state))
