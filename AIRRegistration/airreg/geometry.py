@@ -237,10 +237,13 @@ def from_sitk(transform: sitk.Transform, where: str = "transform") -> np.ndarray
         return np.eye(4)
     if transform.GetTransformEnum() == sitk.sitkTranslation:
         return homogeneous(np.eye(3), transform.GetParameters())
+    if transform.GetTransformEnum() == sitk.sitkScale:  # p -> S (p - c) + c
+        scale, center = np.diag(transform.GetParameters()), np.asarray(transform.GetFixedParameters())
+        return homogeneous(scale, center - scale @ center)
     try:
         linear = sitk.AffineTransform(3)
         linear.SetMatrix(transform.GetMatrix())
-        linear.SetTranslation(transform.GetTranslation())
+        linear.SetTranslation(getattr(transform, "GetTranslation", lambda: (0.0, 0.0, 0.0))())  # Versor: none
         linear.SetCenter(transform.GetCenter())
     except (AttributeError, RuntimeError) as exc:
         raise InputError(f"{where}: {transform.GetName()} is not a linear transform") from exc
