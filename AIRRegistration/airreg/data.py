@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from . import geometry
+from . import geometry, image_files
 from .errors import InputError
 from .fileio import atomic_path, write_text
 
@@ -95,6 +95,7 @@ def _read_raw(path: Path, what: str) -> sitk.Image:
         return _read_dicom_series(path, what)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
+    image_files.check_before_reading(path, what)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -116,6 +117,7 @@ def _check_volume(image: sitk.Image, path: Path, what: str) -> np.ndarray:
         raise InputError(f"{path}: {what} is empty (no voxels)")
     if not np.all(np.isfinite(array)):
         raise InputError(f"{path}: {what} contains NaN or Inf voxels")
+    image_files.check_range(array, path, what)
     return array
 
 
