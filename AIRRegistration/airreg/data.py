@@ -37,6 +37,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Transform files accepted as ground truth, in order of preference.
 GT_NAMES = ("gt.tfm", "gt.txt", "gt.h5", "gt.mat")
 LANDMARK_COLUMNS = ("name", "mr_x", "mr_y", "mr_z", "trus_x", "trus_y", "trus_z")
+#: A landmarks file larger than this is refused unread (ours hold tens of lines).
+MAX_LANDMARKS_FILE_BYTES = 10_000_000
 MUREGPRO_SPLITS = ("train", "val")
 MUREGPRO_FOLDERS = ("mr_images", "us_images", "mr_labels", "us_labels")
 #: SimpleITK metadata key of the DICOM PatientID (0010,0020), kept on images read from DICOM.
@@ -220,14 +222,19 @@ def read_landmarks(path: Path) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: landmarks file not found")
+    size = path.stat().st_size
+    if size > MAX_LANDMARKS_FILE_BYTES:
+        raise InputError(
+            f"{path}: {size} bytes is too large for a landmarks file (limit {MAX_LANDMARKS_FILE_BYTES})"
+        )
     with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in LANDMARK_COLUMNS if c not in columns]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
-        reader.fieldnames = columns
-        rows = [_parse_landmark_row(path, i + 2, row) for i, row in enumerate(reader)]
+        reader = csv.DictReader(f, strict=True)
+        try:
+            rows = _landmark_rows(path, reader)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text (save the landmarks file as UTF-8 CSV)") from None
+        except csv.Error as exc:  # a NUL byte, a field over csv.field_size_limit() characters ...
+            raise InputError(f"{path}: line {reader.line_num + 1}: not valid CSV ({exc})") from None
     if not rows:
         raise InputError(f"{path}: no landmarks (the file has a header only)")
     names = tuple(name for name, _ in rows)
@@ -236,6 +243,15 @@ def read_landmarks(path: Path) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]
         raise InputError(f"{path}: duplicate landmark name(s) {', '.join(duplicates)}")
     points = np.array([coords for _, coords in rows], dtype=float)
     return names, points[:, :3], points[:, 3:]
+
+
+def _landmark_rows(path: Path, reader: csv.DictReader) -> list[tuple[str, list[float]]]:
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in LANDMARK_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    reader.fieldnames = columns
+    return [_parse_landmark_row(path, reader.line_num, row) for row in reader]
 
 
 def write_landmarks(path: Path, names: Sequence[str], mr_points: np.ndarray, trus_points: np.ndarray) -> Path:
