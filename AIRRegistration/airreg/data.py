@@ -18,6 +18,7 @@ Every image is validated on reading; problems raise :class:`InputError` with one
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from collections.abc import Sequence
@@ -70,10 +71,13 @@ class Case:
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     """The single DICOM series stored in ``folder``."""
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as exc:
-        raise InputError(f"{folder}: {what} folder cannot be scanned for DICOM files") from exc
+    with image_files.native_output():  # GDCM warns about every file that is not DICOM
+        try:
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError:
+            series = None
+    if series is None:
+        raise InputError(f"{folder}: {what} folder cannot be scanned for DICOM files")
     if not series:
         raise InputError(f"{folder}: {what} folder holds no DICOM series")
     if len(series) > 1:
@@ -81,10 +85,12 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     reader.MetaDataDictionaryArrayUpdateOn()
-    try:
+    image = None
+    with image_files.native_output() as native, contextlib.suppress(RuntimeError):
         image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"{folder}: {what} DICOM series cannot be read") from exc
+    if image is None:
+        raise InputError(f"{folder}: {what} DICOM series cannot be read{image_files.explain(native)}")
+    image_files.check_geometry(image, folder, what)
     if reader.HasMetaDataKey(0, PATIENT_ID_KEY):
         image.SetMetaData(PATIENT_ID_KEY, reader.GetMetaData(0, PATIENT_ID_KEY))
     return image
@@ -97,11 +103,7 @@ def _read_raw(path: Path, what: str) -> sitk.Image:
         return _read_dicom_series(path, what)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
-    image_files.check_before_reading(path, what)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"{path}: {what} is not a readable image file") from exc
+    return image_files.read(path, what)
 
 
 def _check_volume(image: sitk.Image, path: Path, what: str) -> np.ndarray:

@@ -6,18 +6,29 @@
   has 2^25.6) and can be changed with the environment variable ``AIRREG_MAX_VOXELS``.
 * Range (after reading): intensities spanning more than float32's largest number are refused.
 * NaN and Inf in NIfTI: ITK 5.4's NIfTI reader turns NaN and Inf voxels into 0, so the image it returns looks
-  clean. For a NIfTI-1 or NIfTI-2 file (``.nii``, ``.nii.gz``) of a floating-point type, the data block is
-  read with numpy, in chunks, and must be finite. (Other formats keep NaN and Inf, and the check on the image
+  clean; and it fills a truncated data block (or gzip stream) with zeros without an error. So for a NIfTI-1 or
+  NIfTI-2 file (``.nii``, ``.nii.gz``) the data block is read with numpy, in chunks: it must be complete, and
+  finite for a floating-point type. (Other formats keep NaN and Inf, and the check on the image
   read by ITK sees them.)
 
-DICOM series folders are not checked here (their slices are read one file at a time by ITK).
+* Geometry: a spacing that is not positive and finite, an origin that is not finite or a singular direction
+  matrix is refused (lying headers).
+* What ITK and the libraries under it print on standard error while reading is collected (:func:`native_output`)
+  and its last line added to the error message, so an error stays one line.
+
+DICOM series folders are checked for geometry after reading (their slices are read one file at a time by ITK).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import re
+import sys
+import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,7 +43,14 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_VOXELS_ENV = "AIRREG_MAX_VOXELS"
 #: NIfTI datatype codes of the floating-point types numpy can check, as little-endian dtypes.
 _NIFTI_FLOAT_TYPES = {16: "<f4", 64: "<f8", 32: "<c8", 1792: "<c16"}
+#: Bytes per voxel of every NIfTI datatype code with whole bytes (uint8 ... complex256, RGB, RGBA).
+_NIFTI_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                1536: 16, 1792: 16, 2048: 32, 2304: 4}  # fmt: skip
 _CHUNK_BYTES = 1 << 23
+
+
+class _HeaderLie(Exception):
+    """A NIfTI header field that cannot be true (its text says which)."""
 
 
 def max_voxels() -> int:
@@ -49,14 +67,34 @@ def max_voxels() -> int:
     return value
 
 
+def read(path: Path, what: str) -> sitk.Image:
+    """Read an image file after :func:`check_before_reading`; what ITK prints while reading is kept off the
+    terminal and its last line, if any, explains the error."""
+    check_before_reading(path, what)
+    error = None
+    with native_output() as native:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            error = exc
+    if error is not None:
+        raise InputError(f"{path}: {what} is not a readable image file{explain(native)}") from error
+    return image
+
+
 def check_before_reading(path: Path, what: str) -> None:
-    """Refuse an image file whose header declares too many voxels, or a NIfTI file holding NaN or Inf."""
+    """Refuse an image file whose header declares too many voxels or an impossible geometry, or a NIfTI file
+    whose data block holds NaN or Inf or is truncated."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(f"{path}: {what} is not a readable image file") from exc
+    error = None
+    with native_output() as native:
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            error = exc
+    if error is not None:
+        raise InputError(f"{path}: {what} is not a readable image file{explain(native)}") from error
     size = reader.GetSize()
     voxels = int(np.prod(size, dtype=object)) * reader.GetNumberOfComponents()
     limit = max_voxels()
@@ -65,9 +103,65 @@ def check_before_reading(path: Path, what: str) -> None:
             f"{path}: {what} declares {'x'.join(map(str, size))} voxels ({voxels:,} values), more than the "
             f"limit of {limit:,} (set {MAX_VOXELS_ENV} to raise it)"
         )
+    check_geometry(reader, path, what)
     problem = nifti_problem(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
     if problem:
         raise InputError(f"{path}: {what} {problem}")
+
+
+def check_geometry(image: sitk.Image | sitk.ImageFileReader, path: Path, what: str) -> None:
+    """Refuse a header whose spacing is not positive and finite, whose origin is not finite, or whose direction
+    matrix is not finite or is singular (such an image has no place in the world)."""
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    n = len(spacing)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(n, n)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(
+            f"{path}: {what} has an invalid voxel spacing {_numbers(spacing)}; it must be positive"
+        )
+    if not np.all(np.isfinite(origin)):
+        raise InputError(f"{path}: {what} has an invalid origin {_numbers(origin)}")
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError(
+            f"{path}: {what} has an invalid direction matrix (not finite, or its axes are degenerate)"
+        )
+
+
+def _numbers(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+@contextlib.contextmanager
+def native_output() -> Iterator[list[str]]:
+    """Collect what native code (ITK, niftilib, GDCM, MetaIO) writes to standard error during the block into
+    the yielded list, filled when the block ends, so that an error is one line and not a page of C++ output."""
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable file descriptor 2: leave the output alone
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read(1 << 16).decode("utf-8", "replace").splitlines())
+
+
+def explain(native: list[str]) -> str:
+    """`` (the last message of the native reader)``, or nothing when it printed none."""
+    messages = [
+        line.strip().removeprefix("** ERROR:").strip()
+        for line in native
+        if line.strip() and not re.match(r"\s*(WARNING|ERROR): In .*, line \d+", line)
+    ]
+    return f" ({messages[-1][:120]})" if messages else ""
 
 
 def check_range(array: np.ndarray, path: Path, what: str) -> None:
@@ -81,11 +175,11 @@ def check_range(array: np.ndarray, path: Path, what: str) -> None:
 
 
 def nifti_problem(path: Path) -> str | None:
-    """What is wrong with the data block of a single-file NIfTI-1/2 image of a floating-point type: NaN or Inf
-    values, or fewer values than the header declares; None if nothing is.
+    """What is wrong with the data block of a single-file NIfTI-1/2 image: NaN or Inf values (floating-point
+    types), fewer values than the header declares, or damaged gzip data; None if nothing is.
 
-    None too for other data types, two-file (``.hdr``/``.img``) headers, headers this parser does not
-    understand and damaged compression: those are left to ITK, which refuses what it cannot read.
+    None too for two-file (``.hdr``/``.img``) headers and headers this parser does not understand: those are
+    left to ITK, which refuses what it cannot read.
     """
     try:
         with _open(path) as stream:
@@ -94,9 +188,16 @@ def nifti_problem(path: Path) -> str | None:
             if layout is None:
                 return None
             dtype, count, offset = layout
-            _skip(stream, offset - len(head))
+            if not _skip(stream, offset - len(head)):
+                return f"is truncated (the file ends before its data block, which starts at byte {offset:,})"
             found = _count_finite(head[offset:], stream, dtype, count)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
+    except _HeaderLie as exc:
+        return f"has an invalid voxel size in its NIfTI header ({exc}); each must be positive"
+    except EOFError:  # gzip data that ends before its end marker: ITK would read zeros for the rest
+        return "is truncated (its gzip data ends early)"
+    except (zlib.error, gzip.BadGzipFile):
+        return "is not a readable image file (damaged gzip data)"
+    except OSError:
         return None  # unreadable: ITK's reader reports it
     if found is None:
         return "contains NaN or Inf voxels"
@@ -112,7 +213,8 @@ def _open(path: Path) -> BinaryIO:
 
 
 def _nifti_layout(header: bytes) -> tuple[np.dtype, int, int] | None:
-    """(dtype, number of values, data offset) of a single-file NIfTI header, or None."""
+    """(dtype, number of values, data offset) of a single-file NIfTI header, or None. Types that cannot be
+    NaN are counted as bytes (dtype ``u1``), since only their length is checked."""
     if len(header) < 348:
         return None
     for order in ("<", ">"):
@@ -120,30 +222,39 @@ def _nifti_layout(header: bytes) -> tuple[np.dtype, int, int] | None:
         if sizeof_hdr == 348 and header[344:348] == b"n+1\0":
             dims = np.frombuffer(header, f"{order}i2", 8, 40).astype(np.int64)
             code = int(np.frombuffer(header, f"{order}i2", 1, 70)[0])
+            pixdim = np.frombuffer(header, f"{order}f4", 8, 76).astype(float)
             offset = float(np.frombuffer(header, f"{order}f4", 1, 108)[0])
             break
         if sizeof_hdr == 540 and len(header) >= 540 and header[4:8] == b"n+2\0":
             dims = np.frombuffer(header, f"{order}i8", 8, 16)
             code = int(np.frombuffer(header, f"{order}i2", 1, 12)[0])
+            pixdim = np.frombuffer(header, f"{order}f8", 8, 104)
             offset = float(np.frombuffer(header, f"{order}i8", 1, 168)[0])
             break
     else:
         return None
-    if code not in _NIFTI_FLOAT_TYPES or not 1 <= dims[0] <= 7 or not np.isfinite(offset):
+    if code not in _NIFTI_BYTES or not 1 <= dims[0] <= 7 or not np.isfinite(offset) or offset < 348:
         return None
     shape = dims[1 : dims[0] + 1]
-    if np.any(shape < 1) or offset < 348:
+    if np.any(shape < 1):
         return None
+    sizes = pixdim[1 : min(dims[0], 3) + 1]
+    if not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):  # ITK would guess 1 mm, or take the sform's
+        raise _HeaderLie("pixdim " + ", ".join(f"{v:g}" for v in sizes))
     count = int(np.prod(shape, dtype=object))
-    return np.dtype(_NIFTI_FLOAT_TYPES[code]).newbyteorder(order), count, int(offset)
+    if code in _NIFTI_FLOAT_TYPES:
+        return np.dtype(_NIFTI_FLOAT_TYPES[code]).newbyteorder(order), count, int(offset)
+    return np.dtype("u1"), count * _NIFTI_BYTES[code], int(offset)
 
 
-def _skip(stream: BinaryIO, n: int) -> None:
+def _skip(stream: BinaryIO, n: int) -> bool:
+    """Read past ``n`` bytes; False if the stream ends first."""
     while n > 0:
         chunk = stream.read(min(n, _CHUNK_BYTES))
         if not chunk:
-            raise EOFError
+            return False
         n -= len(chunk)
+    return True
 
 
 def _count_finite(first: bytes, stream: BinaryIO, dtype: np.dtype, count: int) -> int | None:
