@@ -10,10 +10,11 @@ checked against what that type takes, and only then is a SimpleITK transform bui
 * ``.mat``: ITK writes a MATLAB level-4 file of two matrices (parameters, fixed parameters); the format is a
   20-byte header per matrix, so it is parsed with numpy.
 * ``.xfm``: the MNI text format; only its ``Linear`` form (a 3x4 matrix, which ITK writes in LPS) is read.
-* ``.h5`` / ``.hdf5``: HDF5 is too large a format to parse here, so ITK reads it in a child process (a crash
-  there is an error here, not a dead program) and only the type names and values come back, checked like the
-  others. The child cannot see how many values the file stored, so a short parameter list can still come
-  back as garbage values; those fail the rigidity check unless they happen to form a rotation.
+* ``.h5`` / ``.hdf5``: HDF5 is too large a format to parse here, so ITK reads it in a child process
+  (``sys.executable``; a crash there is an error here, not a dead program) and only the type names and
+  values come back, checked like the others. The child cannot see how many values the file stored, so a short
+  parameter list can still come back as garbage values; those fail the rigidity check unless they happen to
+  form a rotation.
 
 Accepted: the rigid types (translation, identity, Euler, versor, versor rigid) and the types that are rigid
 for some parameters (similarity, scale-versor, scale-skew-versor, scale, affine, matrix-offset), which must
@@ -105,12 +106,16 @@ def read(path: str | Path) -> sitk.Transform:
     return sitk.CompositeTransform(transforms) if is_composite else transforms[0]
 
 
-def _read_capped(path: Path) -> bytes:
+def _check_size(path: Path) -> None:
     size = path.stat().st_size
     if size > MAX_TRANSFORM_FILE_BYTES:
         raise InputError(
             f"{path}: {size} bytes is too large for a rigid transform file (limit {MAX_TRANSFORM_FILE_BYTES})"
         )
+
+
+def _read_capped(path: Path) -> bytes:
+    _check_size(path)
     return path.read_bytes()
 
 
@@ -292,8 +297,7 @@ print(json.dumps({"composite": composite, "parts": out}))
 
 def _read_in_child(path: Path) -> tuple[bool, list[Part]]:
     """Let ITK read an HDF5 transform in another process; return what it read, unchecked."""
-    if path.stat().st_size > MAX_TRANSFORM_FILE_BYTES:
-        _read_capped(path)
+    _check_size(path)
     try:
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, str(path)],
