@@ -83,7 +83,8 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     if len(series) > 1:
         raise InputError(f"{folder}: {what} folder holds {len(series)} DICOM series; keep exactly one")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    with image_files.native_output():
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     reader.MetaDataDictionaryArrayUpdateOn()
     image = None
     with image_files.native_output() as native, contextlib.suppress(RuntimeError):
