@@ -358,7 +358,10 @@ MODELS: dict[str, tuple[Callable[[], dict | bytes], str]] = {
         lambda: _state_with("generator.head.bias", torch.zeros(3, dtype=torch.int32)),
         "floating",
     ),
-    "normalization-text.pt": (lambda: _state_with("preprocessing.normalization", "robust"), "normalisation"),
+    "normalization-text.pt": (
+        lambda: _state_with("preprocessing.normalization", "robust"),
+        "normalization dict",
+    ),
     "epoch-negative.pt": (lambda: _state_with("epoch", -5), "epoch"),
     "train-config-list.pt": (lambda: _state_with("train_config", [1, 2]), "train_config"),
     "code.pt": (lambda: {"format": checkpoint.FORMAT, "x": _Payload()}, "execute code"),

@@ -92,7 +92,7 @@ def model_config(value: object) -> ModelConfig:
         ("bottleneck", 1, MAX_BOTTLENECK),
     ):
         _int_in(value[key], low, high, f"model_config.{key}")
-    if value["dof"] not in (3, 6) or not _is_int(value["dof"]):
+    if not _is_int(value["dof"]) or value["dof"] not in (3, 6):
         raise _Invalid(f"model_config.dof must be 3 or 6, got {_show(value['dof'])}")
     grid = value["grid"]
     _dict_with(grid, "model_config.grid", {"size", "spacing"})
@@ -165,9 +165,10 @@ def calibration(value: object) -> None:
         raise _Invalid("calibration.critic and calibration.tre_mm differ in length")
     if min(lists["tre_mm"]) < 0:
         raise _Invalid("calibration.tre_mm holds a negative error")
-    if value.get("statistic", "critic") not in STATISTICS:
+    statistic = value.get("statistic", "critic")
+    if not isinstance(statistic, str) or statistic not in STATISTICS:
         raise _Invalid(
-            f"calibration.statistic must be one of {', '.join(STATISTICS)}, got {_show(value['statistic'])}"
+            f"calibration.statistic must be one of {', '.join(STATISTICS)}, got {_show(statistic)}"
         )
 
 
@@ -191,8 +192,13 @@ def _patient_check_calibration(value: object) -> None:
 
 
 def _preprocessing(value: object) -> None:
-    if not isinstance(value, dict) or "normalization" not in value:
-        raise _Invalid("preprocessing must be a dict holding normalization")
+    if not isinstance(value, dict) or not isinstance(value.get("normalization"), dict):
+        raise _Invalid("preprocessing must be a dict holding a normalization dict")
+    for key, v in value["normalization"].items():
+        if not isinstance(v, (bool, int, float)):
+            raise _Invalid(
+                f"preprocessing.normalization.{str(key)[:30]} must be a number or a flag, got {_show(v)}"
+            )
     try:
         NormalizationSpec.from_dict(value["normalization"])
     except ModelError as exc:
