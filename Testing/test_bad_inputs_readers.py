@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -372,11 +373,21 @@ MODELS: dict[str, tuple[Callable[[], dict | bytes], str]] = {
     "text.pt": (lambda: b"hello, I am a model\n", "corrupt or not a model file"),
     "random.pt": (lambda: np.random.default_rng(7).bytes(4000), "corrupt or not a model file"),
     "zip-not-torch.pt": (lambda: _zip_bytes(), "corrupt or not a model file"),
+    "pickle-protocol-113.pt": (lambda: _odd_protocol(), "invalid model file|corrupt"),
     "pickle-protocol-0.pt": (
         lambda: pickle.dumps({"format": checkpoint.FORMAT}, protocol=0),
         "corrupt|not an AIR",
     ),
 }
+
+
+def _odd_protocol() -> bytes:
+    """A legacy-format checkpoint whose pickle claims protocol 113 (torch.load warns, then reads on)."""
+    buffer = io.BytesIO()
+    torch.save({"format": checkpoint.FORMAT, **minimal_state()}, buffer, _use_new_zipfile_serialization=False)
+    raw = bytearray(buffer.getvalue())
+    raw[1] = 113
+    return bytes(raw)
 
 
 def _zip_bytes() -> bytes:

@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import pickle
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -92,7 +93,11 @@ def load(path: str | os.PathLike | None = None, map_location: str | torch.device
         )
     raw = path.read_bytes()
     try:
-        data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # e.g. "Detected pickle protocol 113": the error below says what matters
+            warnings.simplefilter("ignore")
+            data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function reference
             raise ModelError(
