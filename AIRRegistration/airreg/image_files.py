@@ -4,15 +4,14 @@
   than :func:`max_voxels` is refused, so that a small file whose header claims 1500^3 voxels cannot make ITK
   allocate gigabytes. The limit is ``DEFAULT_MAX_VOXELS`` (2^28 voxels, 1 GiB as float32; a 512x512x200 MR
   has 2^25.6) and can be changed with the environment variable ``AIRREG_MAX_VOXELS``.
-* Range (after reading): intensities spanning more than float32's largest number are refused.
-* NaN and Inf in NIfTI: ITK 5.4's NIfTI reader turns NaN and Inf voxels into 0, so the image it returns looks
-  clean; and it fills a truncated data block (or gzip stream) with zeros without an error. So for a NIfTI-1 or
-  NIfTI-2 file (``.nii``, ``.nii.gz``) the data block is read with numpy, in chunks: it must be complete, and
-  finite for a floating-point type. (Other formats keep NaN and Inf, and the check on the image
-  read by ITK sees them.)
-
 * Geometry: a spacing that is not positive and finite, an origin that is not finite or a singular direction
-  matrix is refused (lying headers).
+  matrix is refused (lying headers), and so is a NIfTI ``pixdim`` voxel size that is not positive (ITK would
+  take 1 mm or the sform's scales instead, with a warning nobody sees).
+* NIfTI data: ITK 5.4's NIfTI reader turns NaN and Inf voxels into 0, so the image it returns looks clean, and
+  it fills a truncated data block (or gzip stream) with zeros without an error. So for a NIfTI-1 or NIfTI-2
+  file (``.nii``, ``.nii.gz``) the data block is read with numpy, in chunks: it must be complete, and finite
+  for a floating-point type. (Other formats keep NaN and Inf, and the check on the image ITK read sees them.)
+* Range (after reading, :func:`check_range`): intensities spanning more than float32's largest number.
 * What ITK and the libraries under it print on standard error while reading is collected (:func:`native_output`)
   and its last line added to the error message, so an error stays one line.
 

@@ -64,7 +64,7 @@ class _Kind:
 KINDS: dict[str, _Kind] = {
     "IdentityTransform": _Kind(0, (0,), lambda: sitk.Transform(3, sitk.sitkIdentity)),
     "TranslationTransform": _Kind(3, (0,), lambda: sitk.TranslationTransform(3)),
-    # Euler3D's fourth fixed parameter is the ComputeZYX flag (ITK >= 4.x); older files have 3
+    # Euler3D's fourth fixed parameter is the ComputeZYX flag (ITK 5 writes it); older files have 3
     "Euler3DTransform": _Kind(6, (3, 4), sitk.Euler3DTransform),
     "VersorTransform": _Kind(3, (3,), sitk.VersorTransform, versor=True),
     "VersorRigid3DTransform": _Kind(6, (3,), sitk.VersorRigid3DTransform, versor=True),
@@ -92,13 +92,12 @@ def read(path: str | Path) -> sitk.Transform:
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         is_composite, parts = _read_in_child(path)
+    elif suffix == ".mat":
+        is_composite, parts = False, [_parse_mat(_read_capped(path), path)]
+    elif suffix == ".xfm":
+        is_composite, parts = False, [_parse_xfm(read_text(path), path)]
     else:
-        if suffix == ".mat":
-            is_composite, parts = False, [_parse_mat(_read_capped(path), path)]
-        elif suffix == ".xfm":
-            is_composite, parts = False, [_parse_xfm(read_text(path), path)]
-        else:
-            is_composite, parts = parse_text(read_text(path), path)
+        is_composite, parts = parse_text(read_text(path), path)
     transforms = [
         build(part, f"{path}: transform {i + 1}" if is_composite else str(path))
         for i, part in enumerate(parts)
