@@ -349,6 +349,7 @@ MODELS: dict[str, tuple[Callable[[], dict | bytes], str]] = {
         "finite numbers only",
     ),
     "calibration-short.pt": (lambda: _state_with("calibration.tre_mm", [1.0, 2.0]), "calibration.tre_mm"),
+    "calibration-huge.pt": (lambda: _state_with("calibration.critic", [1e300, -1e300, 0.0, 1.0]), "within"),
     "calibration-text.pt": (lambda: _state_with("calibration", "good"), "calibration must be a dict"),
     "weights-nan.pt": (lambda: _state_with("generator.head.bias", torch.full((3,), math.nan)), "NaN or Inf"),
     "weights-shape.pt": (

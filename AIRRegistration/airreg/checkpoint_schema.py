@@ -31,8 +31,11 @@ MAX_HIDDEN = 16384
 MAX_BOTTLENECK = 1024
 #: Weights of one network (2^28 float32 values: 1 GiB).
 MAX_NETWORK_VALUES = 2**28
-#: Calibration pairs (ours hold a few thousand).
+#: Calibration pairs (ours hold a few thousand) and the magnitudes of their values: the bundled models' critic
+#: values lie within ±7 and their TREs within 30 mm; values near 1e300 overflow the logistic fit to NaN.
 MAX_CALIBRATION_PAIRS = 10**6
+MAX_CRITIC_MAGNITUDE = 1e6
+MAX_TRE_MM = 1e4
 
 
 class _Invalid(Exception):
@@ -163,8 +166,10 @@ def calibration(value: object) -> None:
         lists[key] = values
     if len(lists["critic"]) != len(lists["tre_mm"]):
         raise _Invalid("calibration.critic and calibration.tre_mm differ in length")
-    if min(lists["tre_mm"]) < 0:
-        raise _Invalid("calibration.tre_mm holds a negative error")
+    if min(lists["tre_mm"]) < 0 or max(lists["tre_mm"]) > MAX_TRE_MM:
+        raise _Invalid(f"calibration.tre_mm must lie in [0, {MAX_TRE_MM:g}] mm")
+    if max(abs(v) for v in lists["critic"]) > MAX_CRITIC_MAGNITUDE:
+        raise _Invalid(f"calibration.critic must lie within ±{MAX_CRITIC_MAGNITUDE:g}")
     statistic = value.get("statistic", "critic")
     if not isinstance(statistic, str) or statistic not in STATISTICS:
         raise _Invalid(
