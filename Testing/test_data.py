@@ -541,3 +541,30 @@ def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tmp_path, name):
     (tmp_path / name).write_bytes(raw[: len(raw) * 3 // 4])
     with pytest.raises(InputError, match="is truncated"):
         data.read_image(tmp_path / name)
+
+
+def test_landmarks_not_utf8_or_not_csv_are_refused_naming_the_file(tmp_path):
+    path = tmp_path / "landmarks.csv"
+    header = "name,mr_x,mr_y,mr_z,trus_x,trus_y,trus_z\n"
+    cases = {
+        (header + "pr\xe9, 1,2,3,4,5,6\n").encode("latin-1"): "not UTF-8 text",
+        bytes(range(256)) * 4: "not UTF-8 text",
+        (header + "apex,1,2,3,4,5,6\0\n").encode(): "line 2 has a non-numeric coordinate",
+        (
+            header + "a" * 131073 + ",1,2,3,4,5,6\n"
+        ).encode(): "line 2: not valid CSV (field larger than field limit",
+        b"\xef\xbb\xbf" + (header + '"unterminated,1,2,3,4,5,6\n').encode(): "not valid CSV",
+    }
+    for raw, message in cases.items():
+        path.write_bytes(raw)
+        with pytest.raises(InputError, match="landmarks.csv: ") as caught:
+            data.read_landmarks(path)
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_oversized_landmarks_file_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_LANDMARKS_FILE_BYTES", 100)
+    path = tmp_path / "landmarks.csv"
+    path.write_text("name,mr_x,mr_y,mr_z,trus_x,trus_y,trus_z\n" + "apex,1,2,3,4,5,6\n" * 10)
+    with pytest.raises(InputError, match="too large for a landmarks file"):
+        data.read_landmarks(path)

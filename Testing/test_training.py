@@ -311,3 +311,15 @@ def test_tre_in_frame():
     quarter = resampling.rigid_matrices(torch.tensor([[90.0, 0.0, 0.0]]), 3)
     one = torch.tensor([[[10.0, 0.0, 0.0]]])
     assert training.tre_in_frame(quarter, one).item() == pytest.approx(10.0 * math.sqrt(2.0), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [{"state": {}, "param_groups": []}, {"param_groups": "x"}, {}],
+    ids=["no-groups", "text", "empty"],
+)
+def test_resume_from_a_crafted_optimiser_state_is_a_model_error(tiny_run, optimizer):
+    state = checkpoint.load(tiny_run / "last.pt")
+    state["optimizer_g"] = optimizer
+    with pytest.raises(ModelError, match=r"last\.pt: the optimiser state or epoch cannot be resumed"):
+        cpu_trainer().load_state(state, str(tiny_run / "last.pt"))

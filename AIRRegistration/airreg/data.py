@@ -18,11 +18,9 @@ Every image is validated on reading; problems raise :class:`InputError` with one
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import gzip
 import math
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
+from . import geometry, image_files
 from .errors import InputError
 from .fileio import atomic_path, check_name, write_text
 
@@ -39,6 +37,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Transform files accepted as ground truth, in order of preference.
 GT_NAMES = ("gt.tfm", "gt.txt", "gt.h5", "gt.mat")
 LANDMARK_COLUMNS = ("name", "mr_x", "mr_y", "mr_z", "trus_x", "trus_y", "trus_z")
+#: A landmarks file larger than this is refused unread (ours hold tens of lines).
+MAX_LANDMARKS_FILE_BYTES = 10_000_000
 MUREGPRO_SPLITS = ("train", "val")
 MUREGPRO_FOLDERS = ("mr_images", "us_images", "mr_labels", "us_labels")
 #: SimpleITK metadata key of the DICOM PatientID (0010,0020), kept on images read from DICOM.
@@ -75,21 +75,27 @@ class Case:
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     """The single DICOM series stored in ``folder``."""
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as exc:
-        raise InputError(f"{folder}: {what} folder cannot be scanned for DICOM files") from exc
+    with image_files.native_output():  # GDCM warns about every file that is not DICOM
+        try:
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError:
+            series = None
+    if series is None:
+        raise InputError(f"{folder}: {what} folder cannot be scanned for DICOM files")
     if not series:
         raise InputError(f"{folder}: {what} folder holds no DICOM series")
     if len(series) > 1:
         raise InputError(f"{folder}: {what} folder holds {len(series)} DICOM series; keep exactly one")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    with image_files.native_output():
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     reader.MetaDataDictionaryArrayUpdateOn()
-    try:
+    image = None
+    with image_files.native_output() as native, contextlib.suppress(RuntimeError):
         image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"{folder}: {what} DICOM series cannot be read") from exc
+    if image is None:
+        raise InputError(f"{folder}: {what} DICOM series cannot be read{image_files.explain(native)}")
+    image_files.check_geometry(image, folder, what)
     if reader.HasMetaDataKey(0, PATIENT_ID_KEY):
         image.SetMetaData(PATIENT_ID_KEY, reader.GetMetaData(0, PATIENT_ID_KEY))
     return image
@@ -102,55 +108,7 @@ def _read_raw(path: Path, what: str) -> sitk.Image:
         return _read_dicom_series(path, what)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"{path}: {what} is not a readable image file") from exc
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path, what)
-    return image
-
-
-def _nifti_data_end(header: bytes) -> int | None:
-    """Where a NIfTI-1 or NIfTI-2 header says its voxel data ends (bytes from the file start), or None."""
-    for order in "<>":
-        if struct.unpack(f"{order}i", header[:4])[0] == 348:  # NIfTI-1
-            dims = struct.unpack(f"{order}8h", header[40:56])
-            bitpix, offset = (
-                struct.unpack(f"{order}h", header[72:74])[0],
-                struct.unpack(f"{order}f", header[108:112])[0],
-            )
-            break
-        if struct.unpack(f"{order}i", header[:4])[0] == 540 and len(header) >= 540:  # NIfTI-2
-            dims = struct.unpack(f"{order}8q", header[16:80])
-            bitpix, offset = (
-                struct.unpack(f"{order}h", header[14:16])[0],
-                struct.unpack(f"{order}q", header[168:176])[0],
-            )
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1 : dims[0] + 1]) or bitpix <= 0:
-        return None
-    return int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
-
-
-def _check_nifti_complete(path: Path, what: str) -> None:
-    """Refuse a NIfTI file whose voxel data (or gzip stream) ends early: ITK 5.4 fills the missing voxels with 0."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            header = fh.read(544)
-            length = len(header)
-            while block := fh.read(1 << 22):
-                length += len(block)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: {what} is truncated or corrupt ({exc})") from None
-    end = _nifti_data_end(header)
-    if end is not None and length < end:
-        raise InputError(
-            f"{path}: {what} is truncated (its header needs {end} bytes of data, the file has {length})"
-        )
+    return image_files.read(path, what)
 
 
 def _check_volume(image: sitk.Image, path: Path, what: str) -> np.ndarray:
@@ -168,6 +126,7 @@ def _check_volume(image: sitk.Image, path: Path, what: str) -> np.ndarray:
         raise InputError(f"{path}: {what} is empty (no voxels)")
     if not np.all(np.isfinite(array)):
         raise InputError(f"{path}: {what} contains NaN or Inf voxels")
+    image_files.check_range(array, path, what)
     return array
 
 
@@ -289,14 +248,19 @@ def read_landmarks(path: Path) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: landmarks file not found")
+    size = path.stat().st_size
+    if size > MAX_LANDMARKS_FILE_BYTES:
+        raise InputError(
+            f"{path}: {size} bytes is too large for a landmarks file (limit {MAX_LANDMARKS_FILE_BYTES})"
+        )
     with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in LANDMARK_COLUMNS if c not in columns]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
-        reader.fieldnames = columns
-        rows = [_parse_landmark_row(path, i + 2, row) for i, row in enumerate(reader)]
+        reader = csv.DictReader(f, strict=True)
+        try:
+            rows = _landmark_rows(path, reader)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text (save the landmarks file as UTF-8 CSV)") from None
+        except csv.Error as exc:  # a NUL byte, a field over csv.field_size_limit() characters ...
+            raise InputError(f"{path}: line {reader.line_num + 1}: not valid CSV ({exc})") from None
     if not rows:
         raise InputError(f"{path}: no landmarks (the file has a header only)")
     names = tuple(name for name, _ in rows)
@@ -305,6 +269,15 @@ def read_landmarks(path: Path) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]
         raise InputError(f"{path}: duplicate landmark name(s) {', '.join(duplicates)}")
     points = np.array([coords for _, coords in rows], dtype=float)
     return names, points[:, :3], points[:, 3:]
+
+
+def _landmark_rows(path: Path, reader: csv.DictReader) -> list[tuple[str, list[float]]]:
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in LANDMARK_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    reader.fieldnames = columns
+    return [_parse_landmark_row(path, reader.line_num, row) for row in reader]
 
 
 def write_landmarks(path: Path, names: Sequence[str], mr_points: np.ndarray, trus_points: np.ndarray) -> Path:

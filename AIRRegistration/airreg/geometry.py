@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from . import transform_files
 from .errors import InputError
 from .fileio import atomic_path, write_text
 
@@ -232,10 +233,17 @@ def from_sitk(transform: sitk.Transform, where: str = "transform") -> np.ndarray
         for i in range(composite.GetNumberOfTransforms()):
             m = m @ from_sitk(composite.GetNthTransform(i), where)
         return m
+    if transform.GetTransformEnum() == sitk.sitkIdentity:
+        return np.eye(4)
+    if transform.GetTransformEnum() == sitk.sitkTranslation:
+        return homogeneous(np.eye(3), transform.GetParameters())
+    if transform.GetTransformEnum() == sitk.sitkScale:  # p -> S (p - c) + c
+        scale, center = np.diag(transform.GetParameters()), np.asarray(transform.GetFixedParameters())
+        return homogeneous(scale, center - scale @ center)
     try:
         linear = sitk.AffineTransform(3)
         linear.SetMatrix(transform.GetMatrix())
-        linear.SetTranslation(transform.GetTranslation())
+        linear.SetTranslation(getattr(transform, "GetTranslation", lambda: (0.0, 0.0, 0.0))())  # Versor: none
         linear.SetCenter(transform.GetCenter())
     except (AttributeError, RuntimeError) as exc:
         raise InputError(f"{where}: {transform.GetName()} is not a linear transform") from exc
@@ -259,15 +267,13 @@ def read_transform(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: transform file not found")
-    if path.suffix.lower() == ".txt" and not path.read_text(errors="replace").lstrip().startswith("#Insight"):
-        return _read_matrix_text(path)
     if path.suffix.lower() not in _ITK_SUFFIXES:
         raise InputError(f"{path}: unknown transform file type (use .tfm, .txt, .h5 or .mat)")
-    try:
-        transform = sitk.ReadTransform(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable ITK transform file") from exc
-    return check_rigid(from_sitk(transform, str(path)), str(path))
+    if path.suffix.lower() == ".txt":
+        text = transform_files.read_text(path)
+        if not text.lstrip().startswith("#Insight"):
+            return _parse_matrix_text(text, path)
+    return check_rigid(from_sitk(transform_files.read(path), str(path)), str(path))
 
 
 def check_transform_suffix(path: str | os.PathLike) -> Path:
@@ -301,14 +307,17 @@ def write_matrix_text(path: str | os.PathLike, mr_to_trus_lps: np.ndarray, ras_m
     return write_text(path, f"{_MATRIX_HEADER} {convention}\n{rows}\n")
 
 
-def _read_matrix_text(path: Path) -> np.ndarray:
-    text = path.read_text(errors="replace")
+def _parse_matrix_text(text: str, path: Path) -> np.ndarray:
+    """A plain 4x4 matrix: four lines of four numbers; lines starting with ``#`` are comments."""
     header = text.lstrip().splitlines()[0] if text.strip() else ""
-    try:
-        values = np.loadtxt(path, comments="#", dtype=float)
-    except ValueError as exc:
-        raise InputError(f"{path}: not a 4x4 matrix of numbers") from exc
-    values = check_rigid(values.reshape(values.shape if values.ndim == 2 else (-1,)), str(path))
+    rows = [
+        transform_files.parse_numbers(line, f"{path}: line {number}")
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if len(rows) != 4 or any(len(row) != 4 for row in rows):
+        raise InputError(f"{path}: not a 4x4 matrix of numbers (expected 4 lines of 4 numbers)")
+    values = check_rigid(np.array(rows), str(path))
     if "frame=RAS" in header:
         return ras_modeling_to_lps_resampling(values)
     return values

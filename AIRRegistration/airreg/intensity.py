@@ -24,6 +24,7 @@ from .errors import InputError, ModelError
 MODALITIES = ("mr", "trus")
 #: Above this scale (an intensity range below 1e-30) float32 arithmetic would underflow or overflow.
 _FLOAT32_SAFE_SCALE = 1e30
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Percentiles use every voxel of a volume up to this many (the bundled models' training volumes were all
 #: smaller: their statistics are exact) ...
 STATISTICS_VOXELS = 2**21
@@ -82,6 +83,11 @@ def intensity_range(
     sample = values[values != 0] if mask is None else values[np.asarray(mask, dtype=bool)]
     if sample.size == 0:
         raise InputError(f"{what}: no voxels to normalise (all zero or outside the mask)")
+    if float(sample.max()) - float(sample.min()) > _FLOAT32_MAX:  # percentiles would interpolate to Inf
+        raise InputError(
+            f"{what}: intensities span {float(sample.min()):.3g} to {float(sample.max()):.3g}, more than float32 "
+            "arithmetic can hold; rescale the image"
+        )
     low, high = percentiles(sample, [low_pct, high_pct])
     if high <= low:
         low, high = sample.min(), sample.max()
@@ -98,8 +104,9 @@ def scale(values: np.ndarray, low: float, high: float, what: str = "image") -> n
     if factor > _FLOAT32_SAFE_SCALE:  # an intensity range near float32's smallest numbers: scale in float64
         return np.clip((values - low) * factor, 0.0, 1.0).astype(np.float32)
     scaled = values.astype(np.float32)  # in float32 throughout: 10x faster than float64, within 1e-7
-    scaled -= np.float32(low)
-    scaled *= np.float32(factor)
+    with np.errstate(over="ignore"):  # voxels outside the sample may overflow to ±Inf: clipped to 0 or 1
+        scaled -= np.float32(low)
+        scaled *= np.float32(factor)
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 

@@ -346,7 +346,7 @@ def markups_json(targets: Targets, name: str) -> str:
         "controlPoints": control_points,
         "measurements": [],
     }
-    return json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [markup]}, indent=4) + "\n"
+    return json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [markup]}, indent=4, allow_nan=False) + "\n"
 
 
 def outside(targets: Targets, image: sitk.Image) -> list[str]:

@@ -651,10 +651,15 @@ class Trainer:
             raise ModelError(
                 f"{where}: checkpoint has no optimiser state (an exported model cannot be resumed)"
             )
-        self.opt_g.load_state_dict(state["optimizer_g"])
-        self.opt_d.load_state_dict(state["optimizer_d"])
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
+        try:  # the schema checked types, not whether the optimiser state fits these parameters
+            self.opt_g.load_state_dict(state["optimizer_g"])
+            self.opt_d.load_state_dict(state["optimizer_d"])
+            self.epoch = int(state["epoch"])
+            self.history = list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelError(
+                f"{where}: the optimiser state or epoch cannot be resumed ({type(exc).__name__})"
+            ) from exc
         self.normalization = NormalizationSpec.from_dict(state["preprocessing"]["normalization"])
         self.init_from = state.get("metadata", {}).get("init_from")
 
