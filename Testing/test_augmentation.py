@@ -90,7 +90,8 @@ def test_cli_general_preset_turns_augmentation_on(monkeypatch, tmp_path):
     monkeypatch.setattr(
         training, "train", lambda data, out, model, cfg, *a, **k: seen.append((model, cfg)) or out
     )
-    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    (tmp_path / "data").mkdir()
+    base = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
     for extra in ([], ["--preset", "general"], ["--preset", "general", "--no-augment"], ["--augment"]):
         assert cli.main(base + extra) == 0
     assert [cfg.augment for _, cfg in seen] == [False, True, False, True]

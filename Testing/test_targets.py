@@ -48,7 +48,7 @@ def test_targets_need_only_numpy_and_simpleitk():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert (
         done.stdout.strip()
-        == "['airreg', 'airreg.errors', 'airreg.fileio', 'airreg.geometry', 'airreg.targets']"
+        == "['airreg', 'airreg.errors', 'airreg.fileio', 'airreg.geometry', 'airreg.targets', 'airreg.transform_files']"
     )
 
 
@@ -399,11 +399,11 @@ def test_register_refuses_bad_targets_before_any_work(registered, tmp_path, caps
         "unpaired": (["--targets", str(folder / "targets.csv")], "--targets and --out-targets go together"),
         "replaces an input": (
             ["--segmentation", str(folder / "seg.nrrd"), "--out-segmentation", str(folder / "trus.nrrd")],
-            "trus.nrrd: is an input file",
+            "--out-segmentation would overwrite the input --trus",
         ),
         "replaces its input": (
             ["--targets", str(folder / "targets.csv"), "--out-targets", str(folder / "targets.csv")],
-            "targets.csv: is an input file",
+            "--out-targets would overwrite the input --targets",
         ),
         "bad output": (
             ["--segmentation", str(folder / "seg.nrrd"), "--out-segmentation", str(tmp_path / "s.png")],

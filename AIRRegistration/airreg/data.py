@@ -43,8 +43,6 @@ MUREGPRO_SPLITS = ("train", "val")
 MUREGPRO_FOLDERS = ("mr_images", "us_images", "mr_labels", "us_labels")
 #: SimpleITK metadata key of the DICOM PatientID (0010,0020), kept on images read from DICOM.
 PATIENT_ID_KEY = "0010|0020"
-#: Largest voxel magnitude accepted: images are processed as float32.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Share of a gland mask's voxels that must lie inside its image's grid (a mask elsewhere is the wrong file
 #: or has a wrong header).
 MASK_INSIDE_MIN = 0.5
@@ -142,11 +140,6 @@ def read_image(path: Path, what: str = "image") -> sitk.Image:
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise InputError(f"{path}: {what} is constant (every voxel is {low:g})")
-    if max(-low, high) > FLOAT32_MAX:  # float64 data beyond float32 would become Inf in the cast below
-        raise InputError(
-            f"{path}: {what} has voxel values beyond the float32 range (from {low:.3g} to {high:.3g}); "
-            "rescale the image"
-        )
     result = sitk.Cast(image, sitk.sitkFloat32)
     identifier = patient_id(image)
     if identifier is not None:  # Cast drops the metadata

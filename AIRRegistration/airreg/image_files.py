@@ -164,12 +164,13 @@ def explain(native: list[str]) -> str:
 
 
 def check_range(array: np.ndarray, path: Path, what: str) -> None:
-    """Refuse voxel values whose range float32 arithmetic cannot hold (the preprocessing runs in float32)."""
+    """Refuse voxel values that float32 cannot hold, or whose range float32 arithmetic cannot (the image is cast
+    to float32 and the preprocessing runs in float32: either would turn into Inf)."""
     low, high = float(array.min()), float(array.max())
-    if high - low > FLOAT32_MAX:
+    if max(-low, high) > FLOAT32_MAX or high - low > FLOAT32_MAX:
         raise InputError(
-            f"{path}: {what} has intensities from {low:.3g} to {high:.3g}, a range wider than float32 can "
-            "hold; rescale the image"
+            f"{path}: {what} has intensities from {low:.3g} to {high:.3g}, beyond what float32 can hold; "
+            "rescale the image"
         )
 
 
