@@ -419,11 +419,16 @@ class AIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _report(self, text: str) -> None:
         """A failure or cancellation in the panel (and the status bar, if the scene has no parameter node)."""
-        if self._parameterNode is None:
+        p = self._parameterNode
+        if p is None:
             slicer.util.showStatusMessage(text, 5000)
             return
-        self._parameterNode.quality = "warning"
-        self._parameterNode.statusText = text
+        self.logic.clearStaleResults(p)  # results of other nodes go; the message is about the selected ones
+        with slicer.util.NodeModify(p.parameterNode):
+            if p.resultMrVolume is None and p.resultTrusVolume is None:
+                p.resultMrVolume, p.resultTrusVolume = p.mrVolume, p.trusVolume
+            p.quality = "warning"
+            p.statusText = text
 
     def _run(self, what: str, action, needsCore: bool = False):
         """Run an action with the panel locked; bad input, a refused install or a closed scene shows a message

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ModelError
+from .quality import InputVerdict
 
 #: Name of the feature set below; stored with the reference so that a changed feature set is never mixed up.
 FEATURES = "intensity-stats-v1"
@@ -77,27 +78,6 @@ def features(mr_stack: torch.Tensor, trus_cache: torch.Tensor) -> np.ndarray:
     values = _intensity_stats(mr, everywhere) + [_texture(mr, everywhere)]
     values += _intensity_stats(trus, inside) + [_texture(trus, inside), float(inside.mean())]
     return np.asarray(values, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class InputVerdict:
-    """The check's outcome on one pair: the statistic, the threshold and whether it is above."""
-
-    statistic: float
-    threshold: float
-
-    @property
-    def out_of_distribution(self) -> bool:
-        return self.statistic > self.threshold
-
-    @property
-    def warning(self) -> str | None:
-        if not self.out_of_distribution:
-            return None
-        return (
-            f"these images are unlike the model's training data (statistic {self.statistic:.2f} > threshold "
-            f"{self.threshold:.2f}): the registration and its D-score may be wrong"
-        )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from functools import cached_property
 import numpy as np
 
 from .errors import ModelError
-from .input_check import InputVerdict
 
 DEFAULT_TOLERANCE_MM = 5.0
 
@@ -91,6 +90,27 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
         ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
+
+
+@dataclass(frozen=True)
+class InputVerdict:
+    """The check's outcome on one pair: the statistic, the threshold and whether it is above."""
+
+    statistic: float
+    threshold: float
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.statistic > self.threshold
+
+    @property
+    def warning(self) -> str | None:
+        if not self.out_of_distribution:
+            return None
+        return (
+            f"these images are unlike the model's training data (statistic {self.statistic:.2f} > threshold "
+            f"{self.threshold:.2f}): the registration and its D-score may be wrong"
+        )
 
 
 @dataclass(frozen=True)

@@ -396,8 +396,7 @@ def test_status_line_says_when_the_flag_is_not_calibrated(logic: Any) -> None:
 
 
 def test_input_check_field_shows_the_statistic_or_why_there_is_none(logic: Any) -> None:
-    from airreg.input_check import InputVerdict
-    from airreg.quality import QualityResult
+    from airreg.quality import InputVerdict, QualityResult
 
     def verdict(check):
         return QualityResult(0.0, 0.5, 2.0, 0.1, 5.0, None, input_check=check)

@@ -108,6 +108,11 @@ class Widget:
     def hide(self) -> None:
         self.visible = False
 
+    def blockSignals(self, block: bool) -> bool:
+        """Qt's QObject.blockSignals: returns the previous state (these stand-ins emit no signals)."""
+        previous, self.signalsBlocked = getattr(self, "signalsBlocked", False), block
+        return previous
+
 
 class Ui:
     """``self.ui``: any child widget name gives a :class:`Widget` (made on first use)."""

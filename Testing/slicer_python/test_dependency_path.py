@@ -67,13 +67,14 @@ def test_panel_enables_register_with_nothing_installed(widget: SimpleNamespace) 
     p.mrVolume, p.trusVolume = widget.mr, widget.trus
     panel.updateGUIFromParameterNode()
     assert panel.ui.applyButton.enabled is True
-    assert panel.ui.applyButton.text == "Register"
+    assert panel.ui.inputHintLabel.visible is False  # no reason shown for a disabled Register
     assert panel.ui.checkAlignmentButton.enabled is True
     assert "torch" not in sys.modules
 
     p.trusVolume = widget.mr  # an invalid choice still disables it
     panel.updateGUIFromParameterNode()
     assert panel.ui.applyButton.enabled is False
+    assert panel.ui.inputHintLabel.visible is True and panel.ui.inputHintLabel.text
 
 
 def test_declining_the_install_gives_a_panel_message(
@@ -94,7 +95,7 @@ def test_declining_the_install_gives_a_panel_message(
     assert p.quality == "warning"
     assert node_state(widget) == before
     assert p.outputTransform is None and p.reportJson == ""
-    assert panel.ui.applyButton.enabled is True and panel.ui.applyButton.text == "Register"
+    assert panel.ui.applyButton.enabled is True and panel.ui.inputHintLabel.visible is False
     assert importlib.util.find_spec("torch") is None
 
 
@@ -144,10 +145,10 @@ def test_slicer_without_packaging_asks_then_uses_pip_install(
 
 @pytest.mark.installs
 def test_register_installs_the_dependencies_then_registers(
-    slicer_app: SimpleNamespace, widget: SimpleNamespace
+    slicer_app: SimpleNamespace, widget: SimpleNamespace, tmp_path
 ) -> None:
     """Accepting the install: pip installs torch into this environment, the model loads (with a status message
-    first) and the TRUS is registered and put under the new output transform."""
+    first), the TRUS is registered and put under the new output transform, and the result is exported."""
     panel, dialogs = widget.panel, slicer_app.dialogs
     p = panel._parameterNode
     p.mrVolume, p.trusVolume = widget.mr, widget.trus
@@ -165,6 +166,15 @@ def test_register_installs_the_dependencies_then_registers(
     model = [i for i, m in enumerate(status) if m.startswith("Loading model")]
     assert loading and model and loading[0] < model[0], status
     assert panel.ui.applyButton.enabled is True
+
+    import SimpleITK as sitk
+
+    panel.logic.exportTransform(p.outputTransform, str(tmp_path / "mr_to_trus.h5"), p.mrVolume)
+    panel.logic.exportReport(p.reportJson, str(tmp_path / "report.json"), p.outputTransform)
+    exported = sitk.ReadTransform(str(tmp_path / "mr_to_trus.h5"))
+    assert exported.GetDimension() == 3
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["d_score"] == pytest.approx(float(p.dScoreAfter), abs=1e-3)
 
 
 @pytest.mark.installs
