@@ -498,36 +498,8 @@ def digests(paths: list[Path]) -> dict[str, str]:
     return out
 
 
-_ZYGOTE = """
-import json, os, sys, traceback
-import airreg.checkpoint, airreg.cli, airreg.data, airreg.registration
-print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(request["cwd"])
-            for fd, name in ((1, request["stdout"]), (2, request["stderr"])):
-                target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(target, fd)
-                os.close(target)
-            try:
-                code = airreg.cli.main(request["argv"])
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    answer = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"status": os.WEXITSTATUS(status)}
-    print(json.dumps(answer), flush=True)
-"""
+#: The forking server shared with test_bad_inputs.py (one import of torch, one child process per row).
+ZYGOTE_SCRIPT = Path(__file__).with_name("cli_zygote.py")
 
 
 class Zygote:
@@ -536,7 +508,11 @@ class Zygote:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, str(ZYGOTE_SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert json.loads(self.process.stdout.readline()) == {"ready": True}
 
@@ -546,6 +522,7 @@ class Zygote:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = json.loads(self.process.stdout.readline())
+        assert "timeout" not in answer, f"airreg {' '.join(argv)} timed out"
         return -answer["signal"] if "signal" in answer else answer["status"]
 
     def close(self) -> None:
