@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,13 @@ SELF_TESTS = ("test_InputValidation", "test_RegisterPhantom", "test_PoorAlignmen
 
 
 @pytest.fixture(scope="module")
+def air_module() -> Iterator[ModuleType]:
+    """The real AIRRegistration module, imported with the application stand-ins (undone afterwards)."""
+    with slicer_application() as imported:
+        yield imported
+
+
+@pytest.fixture(scope="module")
 def bundled_model(air_module: ModuleType) -> None:
     """Skip unless the bundled model loads (the self-test and the logic default to it)."""
     from airreg.errors import ModelError
@@ -57,6 +65,13 @@ def bundled_model(air_module: ModuleType) -> None:
 def logic(air_module: ModuleType, bundled_model: None) -> Any:
     """One logic for the module's tests, so the model is loaded once."""
     return air_module.AIRRegistrationLogic()
+
+
+@pytest.fixture
+def scene(air_module: ModuleType) -> slicer.vtkMRMLScene:
+    """``slicer.mrmlScene``, cleared as Slicer's test ``setUp`` does (singletons are kept)."""
+    slicer.mrmlScene.Clear()
+    return slicer.mrmlScene
 
 
 @pytest.fixture(scope="module")

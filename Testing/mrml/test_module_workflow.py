@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,6 +38,18 @@ pytestmark = pytest.mark.slicer
 
 
 # --- fixtures and helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def air_module() -> Iterator[ModuleType]:
+    with slicer_application() as imported:
+        yield imported
+
+
+@pytest.fixture
+def scene(air_module: ModuleType) -> slicer.vtkMRMLScene:
+    slicer.mrmlScene.Clear()
+    return slicer.mrmlScene
 
 
 def image(size, spacing, origin, angles, seed) -> sitk.Image:

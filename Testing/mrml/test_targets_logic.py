@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from exact_registrar import ExactRegistrar  # noqa: E402
+from slicer_app_standins import slicer_application  # noqa: E402
 
 from airreg import geometry, phantom, resampling, targets  # noqa: E402
 
@@ -34,6 +37,12 @@ pytestmark = pytest.mark.slicer
 
 
 # --- fixtures and helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def air_module() -> Iterator[ModuleType]:
+    with slicer_application() as imported:
+        yield imported
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,6 +54,12 @@ def register_segmentation_converters() -> None:
         slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
     ):
         factory.RegisterConverterRule(rule())
+
+
+@pytest.fixture
+def scene(air_module: ModuleType) -> slicer.vtkMRMLScene:
+    slicer.mrmlScene.Clear()
+    return slicer.mrmlScene
 
 
 @pytest.fixture(scope="module")
