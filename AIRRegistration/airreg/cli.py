@@ -404,13 +404,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .registration import Registrar
     from .targets import TargetFiles, coverage_warnings
 
-    target_files = TargetFiles.read(
-        args.targets,
-        args.out_targets,
-        args.segmentation,
-        args.out_segmentation,
-        (args.mr, args.trus, args.init),
-    )
+    target_files = TargetFiles.read(args.targets, args.out_targets, args.segmentation, args.out_segmentation)
     mr, trus = read_image(args.mr, "MR image"), read_image(args.trus, "TRUS image")
     initial = read_transform(args.init) if args.init else None
     registrar = Registrar.from_checkpoint(args.model, args.device, args.iterations, args.tolerance)

@@ -462,21 +462,16 @@ class TargetFiles:
         out_targets: Path | None,
         segmentation_file: Path | None,
         out_segmentation: Path | None,
-        other_inputs: Sequence[Path | None] = (),
     ) -> TargetFiles:
-        """Check that inputs and outputs come in pairs, that the outputs can be written and replace no input
-        (these two and ``other_inputs``, e.g. the images); read the inputs."""
-        inputs = {
-            Path(p).resolve() for p in (targets_file, segmentation_file, *other_inputs) if p is not None
-        }
+        """Check that inputs and outputs come in pairs and that the outputs can be written; read the inputs.
+
+        That no output replaces an input is checked for every command by ``cli.check_arguments``."""
         for given, output, what in (
             (targets_file, out_targets, "--targets and --out-targets"),
             (segmentation_file, out_segmentation, "--segmentation and --out-segmentation"),
         ):
             if (given is None) != (output is None):
                 raise InputError(f"{what} go together: give both or neither")
-            if output is not None and Path(output).resolve() in inputs:
-                raise InputError(f"{output}: is an input file; choose another name for the output")
         if out_targets is not None:
             check_targets_output(out_targets)
         if out_segmentation is not None:
