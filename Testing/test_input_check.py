@@ -98,6 +98,17 @@ def test_out_of_distribution_is_never_ok_and_reported(checked, unlike):
     assert good["verdict"] == "in distribution" and good["statistic"] <= good["threshold"]
 
 
+def test_images_unlike_the_training_data_get_one_generator_pass(checked):
+    registrar = Registrar.from_checkpoint(checked.path, "cpu", iterations=3)
+    registrar.flag_note = None  # as if refined: only the input check stops the iterations
+    case = make_case(401)
+    unlike = registrar.register(case.mr, inverted(case.trus), case.gt)
+    assert unlike.after.out_of_distribution
+    assert len(unlike.steps) == 1 and unlike.selected_step == 1
+    assert "images are unlike the model's training data" in unlike.report()["single_pass_reason"]
+    assert registrar.register(case.mr, case.trus, case.gt).single_pass_reason is None
+
+
 def test_assess_puts_the_input_check_before_the_critic():
     calibration = Calibration((-2.0, -1.0, 1.0, 2.0), (9.0, 7.0, 1.0, 0.5))
     above, below = input_check.InputVerdict(5.0, 3.0), input_check.InputVerdict(1.0, 3.0)
@@ -179,6 +190,10 @@ def test_cli_fits_the_check_and_register_prints_it(tiny_model, family, unlike, t
     assert "quality: warning" in printed and "input check: statistic" in printed
     assert "out of distribution" in printed and "WARNING: these images are unlike" in printed
     assert json.loads(report.read_text())["input_check"]["verdict"] == "out of distribution"
+    assert "note:" not in printed  # one pass was asked for
+    again = ["register", *pair, "--out-transform", str(tmp_path / "t3.tfm"), "--iterations", "3"]
+    assert main([*again, "--device", "cpu"]) == 0
+    assert "note: one generator pass: the model's flag is not calibrated" in capsys.readouterr().out
 
 
 def test_cli_refuses_a_bad_pass_rate_and_writes_nothing(tiny_model, family, tmp_path, capsys):

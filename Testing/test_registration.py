@@ -25,9 +25,12 @@ def registrar(state) -> Registrar:
     return Registrar(state, device="cpu")
 
 
-def constant_generator(state: dict, params, iterations: int = 1) -> Registrar:
-    """A registrar whose G always outputs ``params`` (zero head weights, bias = params / scale)."""
+def constant_generator(state: dict, params, iterations: int = 1, calibrated: bool = True) -> Registrar:
+    """A registrar whose G always outputs ``params`` (zero head weights, bias = params / scale); ``calibrated``
+    treats its flag as calibrated (as after refine-critic and train-patient-check), so that D chooses passes."""
     reg = Registrar(state, device="cpu", iterations=iterations)
+    if calibrated:
+        reg.flag_note = None
     with torch.no_grad():
         reg.g.head.weight.zero_()
         reg.g.head.bias.copy_(torch.as_tensor(params, dtype=torch.float32) / reg.g.scale)
@@ -127,6 +130,21 @@ def test_iterations_compose_and_the_best_scored_step_is_kept(state, tiny_case):
         one.mr_to_trus, start @ geometry.to_world(u, resampling.mr_frame(tiny_case.mr)), atol=1e-3
     )
     assert len(reg.register(tiny_case.mr, tiny_case.trus, start).steps) == 1  # the override did not stick
+
+
+def test_an_uncalibrated_flag_keeps_one_generator_pass(state, tiny_case):
+    assert not checkpoint.flag_calibrated(state)
+    reg = constant_generator(state, [3.0, 1.0, -0.5], iterations=3, calibrated=False)
+    start = perturbed_start(tiny_case, [5.0, 1.0, 1.0])
+    result = reg.register(tiny_case.mr, tiny_case.trus, start)
+    assert len(result.steps) == 1 and result.selected_step == 1
+    assert "flag is not calibrated" in result.single_pass_reason
+    assert result.report()["single_pass_reason"] == result.single_pass_reason
+    calibrated = constant_generator(state, [3.0, 1.0, -0.5], iterations=3)
+    assert calibrated.register(tiny_case.mr, tiny_case.trus, start).single_pass_reason is None
+    np.testing.assert_allclose(
+        result.mr_to_trus, calibrated.register(tiny_case.mr, tiny_case.trus, start, iterations=1).mr_to_trus
+    )
 
 
 def test_zero_iterations_override_is_an_input_error(registrar, tiny_case):

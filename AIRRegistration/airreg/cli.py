@@ -422,6 +422,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
             registrar, mr, trus, [("before", result.initial), ("after", result.mr_to_trus)], args.overlay
         )
     _print_verdict(result.after, f"D-score {result.d_score_before:.2f} -> {result.d_score:.2f}", registrar)
+    if result.single_pass_reason:
+        print(f"note: {result.single_pass_reason}")
     for line in coverage_warnings(mapped):
         print(f"WARNING: {line}")
     if _is_bundled(args.model):

@@ -58,6 +58,7 @@ class RegistrationResult:
     selected_step: int = 0
     extra: dict = field(default_factory=dict)
     flag_note: str | None = None  # checkpoint.FLAG_NOT_CALIBRATED when the model's flag is not calibrated
+    single_pass_reason: str | None = None  # why iterations were asked for and one G pass was kept
 
     @property
     def to_parent_ras(self) -> np.ndarray:
@@ -110,6 +111,7 @@ class RegistrationResult:
             "initial_mr_to_trus_lps": self.initial.tolist(),
             "iterations": self.steps,
             "selected_step": self.selected_step,
+            "single_pass_reason": self.single_pass_reason,
             "model": self.model,
             "model_sha256": self.model_sha256,
             "device": self.device,
@@ -215,6 +217,19 @@ class Registrar:
             return None
         return float(self.patient_net(pair.mr[None], trus_stack[None]).flatten()[0])
 
+    def _single_pass_reason(self, inputs: input_check.InputVerdict | None) -> str | None:
+        """Why D may not choose among G's passes (None: it may).
+
+        The iterative mode keeps the pass D scores best; a critic that is not calibrated, or that looks at images
+        unlike its training data, ranks passes no better than chance, and repeated G passes then drift further
+        from the truth than one pass does (BENCHMARKS.md §8), so G's first pass is kept instead.
+        """
+        if self.flag_note is not None:
+            return "one generator pass: the model's flag is not calibrated, so D does not choose among passes"
+        if inputs is not None and inputs.out_of_distribution:
+            return "one generator pass: the images are unlike the model's training data, so D does not choose among passes"
+        return None
+
     def _judge_inputs(self, pair: preprocessing.PreparedPair) -> input_check.InputVerdict | None:
         """The input check's verdict on what the networks see; None if the model has no check."""
         return None if self.input_check is None else self.input_check.judge(pair.mr, pair.trus_cache)
@@ -259,6 +274,10 @@ class Registrar:
         start = centers_aligned(mr, trus) if initial is None else np.asarray(initial, dtype=float)
         report(0.05, "resampling")
         pair = self.prepare(mr, trus, start)
+        inputs = self._judge_inputs(pair)
+        single_pass_reason = self._single_pass_reason(inputs) if n_iter > 1 else None
+        if single_pass_reason is not None:
+            n_iter = 1
         t1 = time.perf_counter()
         eye = torch.eye(4, device=self.device)[None]
         current = eye
@@ -282,7 +301,6 @@ class Registrar:
             step["d_score"] = self._verdict(float(c), 1.0).d_score
         mismatch = data.patient_mismatch(mr, trus)
         patient_logit = self._patient_logit(pair, stacks[best])
-        inputs = self._judge_inputs(pair)
         t3 = time.perf_counter()
         transform_in_frame = candidates[best][0].double().cpu().numpy()
         result = RegistrationResult(
@@ -297,6 +315,7 @@ class Registrar:
             device=str(self.device),
             selected_step=best,
             flag_note=self.flag_note,
+            single_pass_reason=single_pass_reason,
         )
         report(1.0, "done")
         return result
