@@ -182,3 +182,47 @@ def patient_check_curves(history: Sequence[dict], png: Path) -> Path:
     _validation_auroc(ax2, history, "step", "AUROC, same patient vs another", "validation")
     fig.tight_layout()
     return _save(fig, png)
+
+
+def _finish_tre_axes(fig, ax, png: Path, title: str) -> Path:
+    """Shared ending of the TRE line plots: axis from zero, grid, legend, title; saved as PNG."""
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def tre_against_minutes(runs: dict[str, Sequence[dict]], png: Path, title: str = "") -> Path:
+    """Validation TRE after one G pass against cumulative training minutes, one line per run (``log.csv`` rows).
+
+    Compares runs by what they cost (e.g. fine-tuning against training from scratch); the dotted line is the
+    validation start of the first run.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
+    for label, history in runs.items():
+        minutes = np.cumsum([float(row["seconds"]) for row in history]) / 60.0
+        ax.plot(minutes, [float(row["val_tre_after"]) for row in history], marker=".", label=label)
+    first = next(iter(runs.values()))
+    if first:
+        ax.axhline(float(first[0]["val_tre_before"]), color="grey", ls=":", label="start")
+    ax.set_xlabel("training time (CPU minutes, one thread)")
+    ax.set_ylabel("validation TRE after one G pass (mm)")
+    return _finish_tre_axes(fig, ax, png, title)
+
+
+def learning_curve(points: dict[int, dict[str, float]], png: Path, title: str = "") -> Path:
+    """Test TRE against the number of training cases, one line per measure (``{cases: {measure: mm}}``)."""
+    plt = _pyplot()
+    cases = sorted(points)
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
+    for measure in points[cases[0]]:
+        ax.plot(cases, [points[n][measure] for n in cases], marker="o", label=measure)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cases, [str(n) for n in cases])
+    ax.set_xlabel("training cases")
+    ax.set_ylabel("mean TRE on held-out pairs (mm)")
+    return _finish_tre_axes(fig, ax, png, title)
