@@ -58,6 +58,9 @@ def test_learning_curve_is_a_png(curves, tmp_path):
         (["minutes", "x.png", "no-equals-sign"], "expected NAME=PATH, got 'no-equals-sign'"),
         (["curve", "x.png", "a=b"], "python scripts/curves.py minutes"),
         (["cases"], "python scripts/curves.py cases"),
+        (["cases", "x.png", "many=somewhere"], "each NAME must be a number of training cases"),
+        (["cases", "x.png", "50=missing"], "missing/summary.json: not a readable airreg evaluate summary"),
+        (["minutes", "x.png", "a=missing"], "missing/log.csv: not a readable airreg training log"),
     ],
 )
 def test_bad_arguments_are_refused(curves, args, message, tmp_path, monkeypatch):
@@ -77,3 +80,20 @@ def test_the_iterative_line_is_drawn_only_where_it_differs(curves, iterative, li
     args = [f"{n}={_summary(tmp_path / str(n), 5.0, 3.0, iterative or 3.0)}" for n in (25, 50)]
     curves.main(["cases", str(tmp_path / "c.png"), *args])
     assert {n: set(p) for n, p in drawn.items()} == {25: lines, 50: lines}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epoch,seconds\n1,3\n", "not a readable airreg training log (KeyError('val_tre_before'))"),
+        ("epoch,seconds,val_tre_before,val_tre_after\n1,x,5,4\n", "not a readable airreg training log"),
+        ("epoch,seconds,val_tre_before,val_tre_after\n", "no epochs logged"),
+    ],
+)
+def test_a_bad_training_log_is_one_line_naming_it(curves, text, message, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        curves.main(["minutes", str(tmp_path / "m.png"), f"a={tmp_path / 'run'}"])
+    assert message in str(info.value.code) and str(tmp_path / "run" / "log.csv") in str(info.value.code)
+    assert "\n" not in str(info.value.code) and not (tmp_path / "m.png").exists()

@@ -29,8 +29,29 @@ def _pairs(args: list[str]) -> list[tuple[str, Path]]:
 
 
 def _history(run: Path) -> list[dict]:
-    with open(run / "log.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    """The rows of a run's ``log.csv``, checked for the columns the curve needs."""
+    path = run / "log.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        for row in rows:
+            float(row["seconds"]), float(row["val_tre_before"]), float(row["val_tre_after"])
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"curves.py: {path}: not a readable airreg training log ({exc!r})") from None
+    if not rows:
+        raise SystemExit(f"curves.py: {path}: no epochs logged")
+    return rows
+
+
+def _means(folder: Path) -> dict[str, float]:
+    """Mean TRE at the start, after one G pass and iterative, from an ``airreg evaluate`` summary."""
+    path = folder / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        keys = {"start": "tre_before", "one G pass": "tre_one_pass", "iterative": "tre_after"}
+        return {label: float(summary[key]["mean"]) for label, key in keys.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"curves.py: {path}: not a readable airreg evaluate summary ({exc!r})") from None
 
 
 def main(argv: list[str]) -> None:
@@ -40,14 +61,9 @@ def main(argv: list[str]) -> None:
     if kind == "minutes":
         plotting.tre_against_minutes({name: _history(run) for name, run in pairs}, png)
     else:
-        points = {}
-        for name, folder in pairs:
-            summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-            points[int(name)] = {
-                "start": summary["tre_before"]["mean"],
-                "one G pass": summary["tre_one_pass"]["mean"],
-                "iterative": summary["tre_after"]["mean"],
-            }
+        if not all(name.isdigit() and int(name) > 0 for name, _ in pairs):
+            raise SystemExit("curves.py: cases: each NAME must be a number of training cases, e.g. 50=eval/x")
+        points = {int(name): _means(folder) for name, folder in pairs}
         if all(p["iterative"] == p["one G pass"] for p in points.values()):  # D chose no pass: one line
             for p in points.values():
                 del p["iterative"]
