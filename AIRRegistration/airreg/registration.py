@@ -274,11 +274,12 @@ class Registrar:
         start = centers_aligned(mr, trus) if initial is None else np.asarray(initial, dtype=float)
         report(0.05, "resampling")
         pair = self.prepare(mr, trus, start)
-        inputs = self._judge_inputs(pair)
+        t1 = time.perf_counter()
+        inputs = self._judge_inputs(pair)  # timed with the verdict, in the discriminator stage
+        t_judged = time.perf_counter()
         single_pass_reason = self._single_pass_reason(inputs) if n_iter > 1 else None
         if single_pass_reason is not None:
             n_iter = 1
-        t1 = time.perf_counter()
         eye = torch.eye(4, device=self.device)[None]
         current = eye
         candidates, steps = [eye], []
@@ -309,7 +310,12 @@ class Registrar:
             before=self._verdict(float(critic[0]), float(coverage[0]), mismatch, inputs=inputs),
             after=self._verdict(float(critic[best]), float(coverage[best]), mismatch, patient_logit, inputs),
             steps=steps,
-            timings={"resampling": t1 - t0, "generator": t2 - t1, "discriminator": t3 - t2, "total": t3 - t0},
+            timings={
+                "resampling": t1 - t0,
+                "generator": t2 - t_judged,
+                "discriminator": t3 - t2 + t_judged - t1,
+                "total": t3 - t0,
+            },
             model=self.model_id,
             model_sha256=self.model_sha256,
             device=str(self.device),
