@@ -296,6 +296,34 @@ def test_calibrate_rewrites_only_the_calibration(tiny_dataset, tiny_model, tmp_p
     assert "is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("statistic", ["critic", "contrast"])
+def test_calibrate_keeps_the_statistic_asked_for(tiny_dataset, tiny_model, tmp_path, statistic):
+    from airreg import checkpoint
+
+    out = tmp_path / f"{statistic}.pt"
+    args = ["calibrate", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(out)]
+    assert main([*args, "--statistic", statistic, "--device", "cpu"]) == 0
+    calibration = checkpoint.load(out)["calibration"]
+    assert calibration["statistic"] == statistic
+    assert len(calibration["critic"]) == len(calibration["tre_mm"]) > 0
+
+
+def test_calibrate_refuses_an_unknown_statistic(tiny_dataset, tiny_model, tmp_path, capsys):
+    args = [
+        "calibrate",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(tmp_path / "m.pt"),
+    ]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--statistic", "mean"])
+    assert info.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_the_bundled_model_comes_with_the_phantom_disclaimer(inputs, capsys):
     assert main(["score", *pair_args(inputs), "--transform", str(inputs["gt"])]) == 0
     assert "synthetic phantoms" not in capsys.readouterr().out  # a model of one's own: no disclaimer

@@ -216,5 +216,10 @@ def test_cli_refine_critic(tiny_dataset, tiny_model, tmp_path, capsys):
         out, tiny_dataset, tmp_path / "recalibrated.pt", device="cpu", progress=False
     )
     assert checkpoint.load(recalibrated)["calibration"]["tre_mm"] == model["calibration"]["tre_mm"]
+    with pytest.raises(InputError, match="statistic must be one of critic, contrast, got 'mean'"):
+        training.recalibrate(
+            out, tiny_dataset, tmp_path / "bad.pt", device="cpu", progress=False, statistic="mean"
+        )
+    assert not (tmp_path / "bad.pt").exists()
     assert main([*args, "--steps", "0"]) == 2
     assert "at least 1 step" in capsys.readouterr().err

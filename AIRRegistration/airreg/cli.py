@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="val",
         help="val: the validation cases of the training split (default); all: every case",
     )
+    p.add_argument(
+        "--statistic",
+        choices=("critic", "contrast"),
+        default=None,
+        help="D's statistic: critic (its raw value, fastest) or contrast; default: the one that flags best",
+    )
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser(
@@ -325,7 +331,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .training import recalibrate
 
     print(
-        f"calibrated model written to {recalibrate(args.model, args.data, args.out, args.split, args.device)}"
+        "calibrated model written to "
+        f"{recalibrate(args.model, args.data, args.out, args.split, args.device, statistic=args.statistic)}"
     )
     return 0
 

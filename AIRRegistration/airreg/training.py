@@ -566,10 +566,13 @@ class Trainer:
         cache: CaseCache,
         per_case: int = 24,
         other_patient: OtherPatientPairs = OtherPatientPairs.AS_GIVEN,
+        statistic: str | None = None,
     ) -> Calibration:
         """Quality statistics and TRE on validation cases over misalignments from none to twice the training
         range, G's estimates and gross failures (with ``other_patient="registered"`` also another patient's
-        TRUS registered by G); keeps the statistic that best flags TRE > 5 mm (scoring.py)."""
+        TRUS registered by G); keeps ``statistic``, or (None) the one that best flags TRE > 5 mm (scoring.py)."""
+        if statistic is not None and statistic not in scoring.STATISTICS:
+            raise InputError(f"statistic must be one of {', '.join(scoring.STATISTICS)}, got {statistic!r}")
         self.g.eval()
         self.d.eval()
         grid, dof = self.model.grid, self.model.dof
@@ -613,7 +616,7 @@ class Trainer:
             c = torch.cat(values[name]).numpy()
             keep = np.isfinite(c) & np.isfinite(t)
             choices[name] = (auroc(-c[keep], t[keep] > QUALITY_REFERENCE_MM), c[keep], t[keep])
-        name = max(choices, key=lambda k: choices[k][0])
+        name = statistic or max(choices, key=lambda k: choices[k][0])
         _, c, t = choices[name]
         return Calibration(tuple(c.tolist()), tuple(t.tolist()), statistic=name)
 
@@ -824,13 +827,20 @@ def frozen_generator_trainer(state: dict, device: str, load_critic: bool = True,
 
 
 def recalibrate(
-    model: Path, data_root: Path, out: Path, split: str = "val", device: str = "auto", progress: bool = True
+    model: Path,
+    data_root: Path,
+    out: Path,
+    split: str = "val",
+    device: str = "auto",
+    progress: bool = True,
+    statistic: str | None = None,
 ) -> Path:
     """Recompute a model's quality calibration and write the model with it to ``out``.
 
     ``split="val"`` uses the validation cases of the training split of ``data_root`` (the same seeded 5:1 split,
     so no training case is used); ``split="all"`` uses every case, for a separate calibration set. The cache is
-    kept beside ``out``.
+    kept beside ``out``. ``statistic`` fixes D's statistic (``critic``: D's raw value, one critic pass per
+    alignment); None keeps the one that flags best.
     """
     if split not in ("val", "all"):
         raise InputError(f"split must be 'val' or 'all', got {split!r}")
@@ -850,7 +860,7 @@ def recalibrate(
             if usable_cache(folder)
             else build_cache(cases, trainer.model, trainer.normalization, folder, progress)
         )
-    calibration = trainer.calibrate(cache, other_patient=refined_other_patient(state))
+    calibration = trainer.calibrate(cache, other_patient=refined_other_patient(state), statistic=statistic)
     exported = ckpt.export_for_inference(state)
     exported["calibration"] = calibration.to_dict()
     exported["metadata"] = {
