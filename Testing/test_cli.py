@@ -260,28 +260,18 @@ def test_unwritable_report_leaves_no_partial_output(inputs, tmp_path, capsys):
     run_failing(args, out, capsys, blocker)
 
 
+def calibrate_args(model: Path, data: Path, out: Path) -> list[str]:
+    """An ``airreg calibrate`` command line."""
+    return ["calibrate", "--model", str(model), "--data", str(data), "--out", str(out)]
+
+
 def test_calibrate_rewrites_only_the_calibration(tiny_dataset, tiny_model, tmp_path, capsys):
     import torch
 
     from airreg import checkpoint, scoring
 
     out = tmp_path / "calibrated.pt"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--model",
-                str(tiny_model),
-                "--data",
-                str(tiny_dataset),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main([*calibrate_args(tiny_model, tiny_dataset, out), "--device", "cpu"]) == 0
     before, after = checkpoint.load(tiny_model), checkpoint.load(out)
     assert after["calibration"]["statistic"] in scoring.STATISTICS
     assert after["metadata"]["calibration_split"] == "val"
@@ -289,10 +279,7 @@ def test_calibrate_rewrites_only_the_calibration(tiny_dataset, tiny_model, tmp_p
     assert "optimizer_g" not in after
     for key, tensor in before["generator"].items():
         assert torch.equal(tensor, after["generator"][key])
-    assert (
-        main(["calibrate", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(tmp_path)])
-        == 2
-    )
+    assert main(calibrate_args(tiny_model, tiny_dataset, tmp_path)) == 2
     assert "is a folder" in capsys.readouterr().err
 
 
@@ -301,7 +288,7 @@ def test_calibrate_keeps_the_statistic_asked_for(tiny_dataset, tiny_model, tmp_p
     from airreg import checkpoint
 
     out = tmp_path / f"{statistic}.pt"
-    args = ["calibrate", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(out)]
+    args = calibrate_args(tiny_model, tiny_dataset, out)
     assert main([*args, "--statistic", statistic, "--device", "cpu"]) == 0
     calibration = checkpoint.load(out)["calibration"]
     assert calibration["statistic"] == statistic
@@ -309,17 +296,8 @@ def test_calibrate_keeps_the_statistic_asked_for(tiny_dataset, tiny_model, tmp_p
 
 
 def test_calibrate_refuses_an_unknown_statistic(tiny_dataset, tiny_model, tmp_path, capsys):
-    args = [
-        "calibrate",
-        "--model",
-        str(tiny_model),
-        "--data",
-        str(tiny_dataset),
-        "--out",
-        str(tmp_path / "m.pt"),
-    ]
     with pytest.raises(SystemExit) as info:
-        main([*args, "--statistic", "mean"])
+        main([*calibrate_args(tiny_model, tiny_dataset, tmp_path / "m.pt"), "--statistic", "mean"])
     assert info.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
 
