@@ -1,4 +1,4 @@
-"""Draw the fine-tune-against-scratch curve and the learning curve of BENCHMARKS.md §8.2 as PNG.
+"""Draw the fine-tune-against-scratch curve and the learning curve of BENCHMARKS.md §8.3–8.4 as PNG.
 
     python scripts/curves.py minutes OUT.png LABEL=RUN_FOLDER ...      # validation TRE against training minutes
     python scripts/curves.py cases OUT.png CASES=EVAL_FOLDER ...       # test TRE against training cases
