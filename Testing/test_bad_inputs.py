@@ -267,6 +267,10 @@ def dataset_rows() -> list[Row]:
             "at least 2 cases",
         )
     )
+    for option in ("--rotation-deg", "--translation-mm"):
+        for value in ("0", "-3", "nan"):
+            argv = (*DATA_COMMANDS["train"], option, value)
+            rows.append(Row(f"train{option}-{value}", argv, "range of the training starts"))
     rows.append(
         Row(
             "benchmark-data-no-gt",

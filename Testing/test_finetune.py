@@ -16,6 +16,7 @@ from airreg.registration import Registrar
 from airreg.training import Trainer
 
 FINE_TUNE = ["--init-from", "phantom-3dof", "--batch-size", "2", "--steps-per-epoch", "1", "--device", "cpu"]
+NARROW_STARTS = ("--rotation-deg", "10", "--translation-mm", "4")  # a refiner stage's training starts
 
 
 def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
@@ -26,9 +27,10 @@ def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def fine_tuned(tiny_dataset, tmp_path_factory) -> Path:
-    """Two epochs of fine-tuning the bundled 3-DOF model on the tiny dataset."""
+    """Two epochs of fine-tuning the bundled 3-DOF model on the tiny dataset, from narrower starts than it was
+    trained on (a refiner stage)."""
     out = tmp_path_factory.mktemp("fine-tuned")
-    assert _train(tiny_dataset, out, 2) == 0
+    assert _train(tiny_dataset, out, 2, *NARROW_STARTS) == 0
     return out
 
 
@@ -51,6 +53,7 @@ def test_init_from_a_bundled_name_starts_from_its_weights(fine_tuned):
 def test_fine_tune_schedule_is_saved_with_the_model(fine_tuned):
     cfg = TrainConfig.from_dict(checkpoint.load(fine_tuned / "model.pt")["train_config"])
     assert cfg.lr_g == pytest.approx(3e-5) and cfg.lr_d == pytest.approx(1e-5) and cfg.lr_warmup_epochs == 1
+    assert (cfg.rotation_deg, cfg.translation_mm) == (10.0, 4.0)
 
 
 def test_warm_up_then_cosine():
@@ -67,8 +70,8 @@ def test_warm_up_then_cosine():
 
 def test_resumed_fine_tune_equals_the_straight_run(tiny_dataset, fine_tuned, tmp_path):
     out = tmp_path / "resumed"
-    assert _train(tiny_dataset, out, 1) == 0
-    assert _train(tiny_dataset, out, 2, "--resume", str(out / "last.pt")) == 0
+    assert _train(tiny_dataset, out, 1, *NARROW_STARTS) == 0
+    assert _train(tiny_dataset, out, 2, *NARROW_STARTS, "--resume", str(out / "last.pt")) == 0
     resumed, straight = checkpoint.load(out / "last.pt"), checkpoint.load(fine_tuned / "last.pt")
     assert resumed["epoch"] == straight["epoch"] == 2
     assert resumed["metadata"]["init_from"] == straight["metadata"]["init_from"]

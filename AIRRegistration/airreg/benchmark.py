@@ -1009,7 +1009,9 @@ def command_line(args) -> str:
     parts = ["airreg", "benchmark", "--data", str(args.data), "--out", str(args.out)]
     if args.model:
         parts += ["--model", str(args.model)]
-    parts += ["--dof", str(args.dof), "--seed", str(args.seed)]
+    if not getattr(args, "scorecard", False):  # the scorecard uses each model's own protocol
+        parts += ["--dof", str(args.dof)]
+    parts += ["--seed", str(args.seed)]
     if args.quick:
         parts.append("--quick")
     if args.device != "auto":
@@ -1028,4 +1030,6 @@ def command_line(args) -> str:
         parts += ["--trus-spacing", f"{args.trus_spacing:g}"]
     if args.mr_inplane_spacing:
         parts += ["--mr-inplane-spacing", f"{args.mr_inplane_spacing:g}"]
+    if getattr(args, "scorecard", False):
+        parts.append("--scorecard")
     return shlex.join(parts)

@@ -142,6 +142,10 @@ class TrainConfig:
             object.__setattr__(self, "critic_constraint", CriticConstraint(self.critic_constraint))
         if self.batch_size < 1 or self.epochs < 1 or self.n_critic < 1:
             raise InputError("training config: epochs, batch_size and n_critic must be >= 1")
+        if not (self.rotation_deg > 0 and self.translation_mm > 0):
+            raise InputError(
+                "training config: rotation_deg and translation_mm (the range of the training starts) must be > 0"
+            )
 
     def to_dict(self) -> dict:
         data = asdict(self)
