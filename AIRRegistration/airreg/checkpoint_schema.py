@@ -70,6 +70,8 @@ def _validate(data: dict) -> None:
         _patient_check_calibration(data.get("patient_check_calibration"))
     if data.get("calibration") is not None:
         calibration(data["calibration"])
+    if data.get("refiner") is not None:
+        _refiner(data["refiner"], config.dof)
     if "train_config" in data:
         _train_config(data["train_config"])
     try:
@@ -154,6 +156,15 @@ def state_dict(value: object, shapes: dict[str, tuple[int, ...]], name: str) -> 
             raise _Invalid(f"{name}.{key} has shape {tuple(tensor.shape)}; model_config implies {shape}")
         if not bool(torch.isfinite(tensor).all()):
             raise _Invalid(f"{name}.{key} contains NaN or Inf")
+
+
+def _refiner(value: object, dof: int) -> None:
+    """A cascade's second stage: its own model configuration (same DOF) and a generator of that shape."""
+    _dict_with(value, "refiner", {"model_config", "generator"})
+    config = model_config(value["model_config"])
+    if config.dof != dof:
+        raise _Invalid(f"refiner.model_config.dof is {config.dof}; the model's is {dof}")
+    state_dict(value["generator"], expected_shapes(config)["generator"], "refiner.generator")
 
 
 def calibration(value: object) -> None:

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="run folder: checkpoints, log.csv, loss_curves.png, model.pt"
     )
     p.add_argument(
-        "--preset", default="default", help="paper, default, tiny or general (default + augmentation)"
+        "--preset",
+        default="default",
+        help="paper, default, tiny, general (default + augmentation) or refiner (thin slices, a cascade's second stage)",
     )
     p.add_argument(
         "--dof",
@@ -129,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="D's statistic: critic (its raw value, fastest) or contrast; default: the one that flags best",
     )
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "add-refiner",
+        help="a cascade: a model with a second generator (trained on small starts) for the passes after the first",
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="the model (file or bundled name): G, D and checks"
+    )
+    p.add_argument(
+        "--refiner",
+        type=Path,
+        required=True,
+        help="a model trained with the same DOF on small starts (airreg train --preset refiner --rotation-deg 10 "
+        "--translation-mm 4); its generator is kept",
+    )
+    p.add_argument("--out", type=Path, required=True, help="model file to write")
 
     p = sub.add_parser(
         "refine-critic",
@@ -357,6 +375,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_refiner(args: argparse.Namespace) -> int:
+    from .refiner import attach
+
+    print(f"model with the refiner written to {attach(args.model, args.refiner, args.out)}")
+    return 0
+
+
 def _cmd_calibrate_ood(args: argparse.Namespace) -> int:
     from .ood_calibration import calibrate_ood
 
@@ -580,6 +605,7 @@ COMMANDS = {
     "train": _cmd_train,
     "calibrate": _cmd_calibrate,
     "calibrate-ood": _cmd_calibrate_ood,
+    "add-refiner": _cmd_add_refiner,
     "register": _cmd_register,
     "score": _cmd_score,
     "refine-critic": _cmd_refine_critic,
@@ -609,6 +635,7 @@ OUTPUT_SET_COMMANDS = frozenset(
         "register",
         "calibrate",
         "calibrate-ood",
+        "add-refiner",
         "refine-critic",
         "train-patient-check",
         "evaluate",
@@ -620,7 +647,18 @@ OUTPUT_SET_COMMANDS = frozenset(
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path | None]:
     """The input paths of a parsed command, keyed by their option."""
-    names = ("mr", "trus", "init", "transform", "data", "resume", "held_out", "targets", "segmentation")
+    names = (
+        "mr",
+        "trus",
+        "init",
+        "transform",
+        "data",
+        "resume",
+        "held_out",
+        "targets",
+        "segmentation",
+        "refiner",
+    )
     found = {f"--{n}": getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if hasattr(args, "model"):
         from .checkpoint import resolve
@@ -636,7 +674,7 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path | None]:
         return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
     if args.command in FOLDER_OUTPUTS:
         return {f"--out ({name})": args.out / name for name in FOLDER_OUTPUTS[args.command]}
-    if args.command in ("calibrate", "calibrate-ood", *MODEL_SIDE_OUTPUTS):
+    if args.command in ("calibrate", "calibrate-ood", "add-refiner", *MODEL_SIDE_OUTPUTS):
         side = MODEL_SIDE_OUTPUTS.get(args.command, ())
         return {
             "--out": args.out,

@@ -3,7 +3,8 @@
 
 ``Registrar.register`` starts from an initial MR->TRUS transform (default: volume centres aligned), runs G, and
 optionally iterates — G again from its own result, D judging every step, the best-scored step kept (the paper's
-"use both networks iteratively"). The quality verdict comes from the calibrated critic (:mod:`airreg.quality`),
+"use both networks iteratively"); a model with a refiner (:mod:`airreg.refiner`) runs the refiner instead of G
+after the first pass. The quality verdict comes from the calibrated critic (:mod:`airreg.quality`),
 the patients' identities where the images carry them, the model's patient check and its input check (are the
 images like its training data? :mod:`airreg.input_check`), where it has them.
 """
@@ -20,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from . import checkpoint as ckpt
-from . import data, input_check, patient_check, preprocessing, resampling, scoring
+from . import data, input_check, patient_check, preprocessing, refiner, resampling, scoring
 from .config import ModelConfig
 from .distributed import select_device
 from .errors import InputError, ModelError
@@ -161,6 +162,10 @@ class Registrar:
         self.patient_net, self.patient_check = (None, None) if loaded is None else loaded
         if self.patient_net is not None:
             self.patient_net.to(self.device)
+        stage = refiner.load_network(state, self.config.dof, where)
+        self.refiner, self.refiner_config = (None, None) if stage is None else stage
+        if self.refiner is not None:
+            self.refiner.to(self.device)
         self.input_check = input_check.load(state, where)
         self.iterations, self.tolerance_mm = iterations, tolerance_mm
         self.model_id = Path(where).name
@@ -216,6 +221,17 @@ class Registrar:
         if self.patient_net is None:
             return None
         return float(self.patient_net(pair.mr[None], trus_stack[None]).flatten()[0])
+
+    def _refiner_stage(
+        self, mr: sitk.Image, trus: sitk.Image, pair: preprocessing.PreparedPair, current: torch.Tensor
+    ) -> _Stage:
+        """The refiner's view: the pair resampled on its grid around ``current`` (a transform in ``pair``'s frame,
+        which the refiner's pair shares: the frame depends on the MR only)."""
+        at = preprocessing.frame_transform_to_world(pair, current[0].double().cpu().numpy())
+        stage_pair = preprocessing.prepare_pair(
+            mr, trus, at, self.refiner_config.grid, self.config.dof, self.normalization, self.device
+        )
+        return _Stage(self.refiner, stage_pair, self.refiner_config.grid, current)
 
     def _single_pass_reason(self, inputs: input_check.InputVerdict | None) -> str | None:
         """Why D may not choose among G's passes (None: it may).
@@ -281,13 +297,15 @@ class Registrar:
         if single_pass_reason is not None:
             n_iter = 1
         eye = torch.eye(4, device=self.device)[None]
-        current = eye
-        candidates, steps = [eye], []
+        current, candidates, steps = eye, [eye], []
+        stage, refiner_resampling = _Stage(self.g, pair, self.config.grid, eye), 0.0
         for i in range(n_iter):
+            if i == 1 and self.refiner is not None:
+                t_stage = time.perf_counter()
+                stage = self._refiner_stage(mr, trus, pair, current)
+                refiner_resampling = time.perf_counter() - t_stage
             report(0.1 + 0.8 * i / n_iter, f"generator pass {i + 1} of {n_iter}")
-            x = self._sample(pair, current)
-            update = resampling.rigid_matrices(self.g(pair.mr[None], x), self.config.dof)
-            current = current @ update
+            update, current = stage.step(self.config.dof)
             candidates.append(current)
             moved = _update_size_mm(update[0].cpu().numpy())
             steps.append({"step": i + 1, "update_mm": moved})
@@ -311,8 +329,8 @@ class Registrar:
             after=self._verdict(float(critic[best]), float(coverage[best]), mismatch, patient_logit, inputs),
             steps=steps,
             timings={
-                "resampling": t1 - t0,
-                "generator": t2 - t_judged,
+                "resampling": t1 - t0 + refiner_resampling,
+                "generator": t2 - t_judged - refiner_resampling,
                 "discriminator": t3 - t2 + t_judged - t1,
                 "total": t3 - t0,
             },
@@ -343,6 +361,27 @@ class Registrar:
         inputs = self._judge_inputs(pair)
         verdict = self._verdict(float(critic[0]), float(coverage[0]), mismatch, patient_logit, inputs)
         return pair.mr.cpu().numpy(), trus_stack.cpu().numpy(), verdict
+
+
+@dataclass
+class _Stage:
+    """A generator and the pair it sees on its grid; ``base``: the frame transform at which the pair's TRUS cache
+    was sampled, so that an estimate ``rel`` on this pair is ``base @ rel`` in the first pair's frame."""
+
+    net: Generator
+    pair: preprocessing.PreparedPair
+    grid: resampling.GridSpec
+    base: torch.Tensor
+    rel: torch.Tensor | None = None
+
+    def step(self, dof: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One generator pass: (the update, the new estimate in the first pair's frame)."""
+        rel = torch.eye(4, device=self.base.device)[None] if self.rel is None else self.rel
+        trus = self.pair.trus_cache[None, None]
+        x = preprocessing.sample_trus(trus, self.grid, dof, rel)
+        update = resampling.rigid_matrices(self.net(self.pair.mr[None], x), dof)
+        self.rel = rel @ update
+        return update, self.base @ self.rel
 
 
 def _update_size_mm(matrix: np.ndarray, radius_mm: float = 25.0) -> float:
