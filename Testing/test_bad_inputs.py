@@ -271,6 +271,9 @@ def dataset_rows() -> list[Row]:
         for value in ("0", "-3", "nan"):
             argv = (*DATA_COMMANDS["train"], option, value)
             rows.append(Row(f"train{option}-{value}", argv, "range of the training starts"))
+    for option, values in (("--grid-size", ("1", "24", "24")), ("--grid-spacing", ("nan", "3", "3"))):
+        argv = (*DATA_COMMANDS["train"], option, *values)
+        rows.append(Row(f"train{option}", argv, "grid: every size must be >= 2"))
     rows.append(
         Row(
             "benchmark-data-no-gt",

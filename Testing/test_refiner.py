@@ -11,18 +11,20 @@ import torch
 
 from airreg import checkpoint, geometry, resampling
 from airreg.cli import main
-from airreg.config import ModelConfig, TrainConfig
+from airreg.config import ModelConfig
 from airreg.errors import ModelError
 from airreg.registration import Registrar
-from airreg.training import train
 
 REFINER_GRID = resampling.GridSpec((8, 24, 24), (4.5, 3.5, 3.5))  # unlike the tiny preset's (6, 24, 24) grid
 
 
 def _tiny_refiner(data: Path, out: Path, dof: int = 3) -> Path:
-    config = ModelConfig(dof=dof, grid=REFINER_GRID, width=8, hidden=32)
-    cfg = TrainConfig(epochs=1, batch_size=2, steps_per_epoch=1, rotation_deg=10.0, translation_mm=4.0)
-    return train(data, out, config, cfg, device="cpu", progress=False)
+    """A refiner trained through the command line: the tiny preset on another grid, on small starts."""
+    argv = ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--dof", str(dof)]
+    argv += ["--grid-size", *map(str, REFINER_GRID.size), "--grid-spacing", *map(str, REFINER_GRID.spacing)]
+    argv += ["--rotation-deg", "10", "--translation-mm", "4", "--epochs", "1", "--batch-size", "2"]
+    assert main([*argv, "--steps-per-epoch", "1", "--device", "cpu"]) == 0
+    return out / "model.pt"
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,7 @@ def test_refiner_passes_compose_in_the_first_pass_frame(cascade, tiny_case):
 
 def test_add_refiner_refuses_another_dof(tiny_dataset, tiny_model, tmp_path, capsys):
     stage = _tiny_refiner(tiny_dataset, tmp_path / "six", dof=6)
+    capsys.readouterr()  # the training's progress
     argv = [
         "add-refiner",
         "--model",

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="default",
-        help="paper, default, tiny, general (default + augmentation) or refiner (thin slices, a cascade's second stage)",
+        help="paper, default, tiny or general (default + augmentation)",
     )
     p.add_argument(
         "--dof",
@@ -71,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-d", type=float, help="critic learning rate (1e-4; a tenth with --init-from)")
     p.add_argument(
         "--lambda-param", type=float, default=1.0, help="weight of the parameter distance in G's loss"
+    )
+    p.add_argument(
+        "--grid-size",
+        type=int,
+        nargs=3,
+        metavar=("S", "H", "W"),
+        help="network grid: slices, rows, columns (default: the preset's)",
+    )
+    p.add_argument(
+        "--grid-spacing",
+        type=float,
+        nargs=3,
+        metavar=("S", "H", "W"),
+        help="mm between slices, rows, columns (default: the preset's)",
     )
     p.add_argument(
         "--rotation-deg",
@@ -143,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--refiner",
         type=Path,
         required=True,
-        help="a model trained with the same DOF on small starts (airreg train --preset refiner --rotation-deg 10 "
+        help="a model trained with the same DOF on small starts (airreg train --rotation-deg 10 "
         "--translation-mm 4); its generator is kept",
     )
     p.add_argument("--out", type=Path, required=True, help="model file to write")
@@ -333,7 +347,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .config import PRESET_TRAINING, TrainConfig, fine_tune_schedule, preset
+    from .config import PRESET_TRAINING, TrainConfig, fine_tune_schedule, preset, with_grid
     from .training import train
 
     augment = (
@@ -358,7 +372,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         cfg = fine_tune_schedule(cfg)
     cfg = replace(cfg, **{k: v for k, v in (("lr_g", args.lr_g), ("lr_d", args.lr_d)) if v is not None})
-    model_config = preset(args.preset, args.dof)
+    model_config = with_grid(preset(args.preset, args.dof), args.grid_size, args.grid_spacing)
     model = train(args.data, args.out, model_config, cfg, args.resume, args.device, init_from=args.init_from)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {model}")

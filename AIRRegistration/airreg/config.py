@@ -7,8 +7,9 @@ Presets:
 * ``tiny``    — a 24x24x6 grid and 8 filters, for tests and smoke runs only.
 * ``general`` — the ``default`` model trained with intensity augmentation (:data:`PRESET_TRAINING`), meant for a
   mixture of phantom families (docs/phantoms.md).
-* ``refiner`` — the ``default`` grid's box with slices twice as thin (32 at 1.5 mm): the second stage of a
-  cascade (``airreg add-refiner``), trained on small starts, that sees out-of-plane misalignment better.
+
+``airreg train --grid-size/--grid-spacing`` replaces a preset's grid (e.g. a cascade's refiner with thinner
+slices, docs/training.md).
 """
 
 from __future__ import annotations
@@ -179,11 +180,23 @@ PRESETS: dict[str, ModelConfig] = {
     "default": ModelConfig(grid=GridSpec((16, 48, 48), (3.0, 1.6, 1.6)), width=32),
     "tiny": ModelConfig(grid=GridSpec((6, 24, 24), (6.0, 3.5, 3.5)), width=8, hidden=32),
     "general": ModelConfig(grid=GridSpec((16, 48, 48), (3.0, 1.6, 1.6)), width=32),
-    "refiner": ModelConfig(grid=GridSpec((32, 48, 48), (1.5, 1.6, 1.6)), width=32),
 }
 
 #: Training settings a preset turns on besides its model (``airreg train`` options override them).
 PRESET_TRAINING: dict[str, dict] = {"general": {"augment": True}}
+
+
+def with_grid(
+    config: ModelConfig, size: tuple[int, int, int] | None, spacing: tuple[float, float, float] | None
+) -> ModelConfig:
+    """``config`` with its grid's size (slices, rows, columns) and/or spacing (mm) replaced."""
+    size = tuple(size) if size else config.grid.size
+    spacing = tuple(spacing) if spacing else config.grid.spacing
+    if any(v < 2 for v in size) or not all(0 < v < float("inf") for v in spacing):
+        raise InputError(
+            f"grid: every size must be >= 2 and every spacing a number > 0 mm, got {list(size)} and {list(spacing)}"
+        )
+    return replace(config, grid=GridSpec(size, spacing))
 
 
 def preset(name: str, dof: int = 3) -> ModelConfig:

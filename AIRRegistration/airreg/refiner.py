@@ -2,7 +2,7 @@
 
 Re-applying the same G moves a 6-DOF result little (BENCHMARKS.md §1): G was trained on starts up to ±25° and
 ±5 mm and its precision is that of a coarse view, 3 mm slices that see out-of-plane angles poorly. A refiner is
-a generator of its own configuration (e.g. the ``refiner`` preset's 1.5 mm slices) trained with ``airreg train
+a generator of its own configuration (e.g. a grid of 1.5 mm slices, ``airreg train --grid-size``) trained with ``airreg train
 --rotation-deg 10 --translation-mm 4``, i.e. on misalignments like those G leaves. ``airreg add-refiner`` stores
 it in a model file under ``refiner``; the registrar then runs G once and the refiner for the remaining passes,
 on a pair resampled around G's result (the same frame, so the estimates compose), and D chooses among the passes
