@@ -163,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model file to write")
 
     p = sub.add_parser(
+        "export", help="an inference copy of a model: no optimiser state, optionally half the size"
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="model or training checkpoint (file or bundled name)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="model file to write")
+    p.add_argument(
+        "--float16",
+        action="store_true",
+        help="store the weights in half precision (the networks still compute in float32)",
+    )
+
+    p = sub.add_parser(
         "refine-critic",
         help="train D alone against a trained model's frozen G, then recalibrate (a sharper D-score)",
     )
@@ -396,6 +409,15 @@ def _cmd_add_refiner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_for_inference, load, save
+
+    precision = "float16" if args.float16 else "as stored"
+    path = save(args.out, export_for_inference(load(args.model), float16=args.float16))
+    print(f"model written to {path} (weights {precision})")
+    return 0
+
+
 def _cmd_calibrate_ood(args: argparse.Namespace) -> int:
     from .ood_calibration import calibrate_ood
 
@@ -620,6 +642,7 @@ COMMANDS = {
     "calibrate": _cmd_calibrate,
     "calibrate-ood": _cmd_calibrate_ood,
     "add-refiner": _cmd_add_refiner,
+    "export": _cmd_export,
     "register": _cmd_register,
     "score": _cmd_score,
     "refine-critic": _cmd_refine_critic,
@@ -650,6 +673,7 @@ OUTPUT_SET_COMMANDS = frozenset(
         "calibrate",
         "calibrate-ood",
         "add-refiner",
+        "export",
         "refine-critic",
         "train-patient-check",
         "evaluate",
@@ -688,7 +712,7 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path | None]:
         return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
     if args.command in FOLDER_OUTPUTS:
         return {f"--out ({name})": args.out / name for name in FOLDER_OUTPUTS[args.command]}
-    if args.command in ("calibrate", "calibrate-ood", "add-refiner", *MODEL_SIDE_OUTPUTS):
+    if args.command in ("calibrate", "calibrate-ood", "add-refiner", "export", *MODEL_SIDE_OUTPUTS):
         side = MODEL_SIDE_OUTPUTS.get(args.command, ())
         return {
             "--out": args.out,
