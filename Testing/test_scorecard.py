@@ -70,10 +70,14 @@ def test_pipeline_minutes_read_from_the_model_file(tiny_model):
     state = checkpoint.load(tiny_model)
     minutes = scorecard.pipeline_minutes(state)
     assert minutes["train"] == pytest.approx(sum(h["seconds"] for h in state["history"]) / 60)
-    state["metadata"] = {"critic_refinement": {"seconds": 120.0}, "patient_check": {"seconds": 60.0}}
+    state["metadata"] = {
+        "critic_refinement": {"seconds": 120.0},
+        "patient_check": {"seconds": 60.0},
+        "refiner": {"seconds": 30.0},
+    }
     minutes = scorecard.pipeline_minutes(state)
-    assert minutes["critic_refinement"] == 2.0 and minutes["patient_check"] == 1.0
-    assert minutes["total"] == pytest.approx(minutes["train"] + 3.0)
+    assert (minutes["critic_refinement"], minutes["patient_check"], minutes["refiner"]) == (2.0, 1.0, 0.5)
+    assert minutes["total"] == pytest.approx(minutes["train"] + 3.5)
     state["history"][0].pop("seconds")
     assert scorecard.pipeline_minutes(state) is None
 
