@@ -252,3 +252,36 @@ def test_bundled_models_carry_a_patient_check_for_their_own_generator(name):
     info = state["metadata"]["patient_check"]
     assert info["false_alarm"] == 0.05 and info["steps"] == 3000 and len(info["from_model_sha256"]) == 64
     assert Registrar(state, "cpu").patient_check == check
+
+
+def test_export_in_half_precision_halves_the_file_and_barely_moves_a_registration(
+    tiny_model, tiny_case, tmp_path
+):
+    from airreg.cli import main
+
+    out = tmp_path / "half.pt"
+    assert main(["export", "--model", str(tiny_model), "--out", str(out), "--float16"]) == 0
+    full, half = checkpoint.load(tiny_model), checkpoint.load(out)
+    assert out.stat().st_size < 0.6 * tiny_model.stat().st_size
+    for key in ("generator", "discriminator"):
+        assert all(t.dtype == torch.float16 for t in half[key].values())
+        assert all(
+            torch.allclose(half[key][k].float(), v, rtol=1e-3, atol=1e-4) for k, v in full[key].items()
+        )
+    assert "optimizer_g" not in half and half["calibration"] == full["calibration"]
+    a = Registrar(full, "cpu").register(tiny_case.mr, tiny_case.trus)
+    b = Registrar(half, "cpu").register(tiny_case.mr, tiny_case.trus)
+    assert np.abs(a.mr_to_trus - b.mr_to_trus).max() < 0.05  # mm and rotation entries
+    assert Registrar(half, "cpu").g.head.weight.dtype == torch.float32  # computed in float32
+
+
+@pytest.mark.parametrize("name", ["phantom-3dof", "phantom-6dof"])
+def test_bundled_models_are_shipped_in_half_precision_with_a_refiner(name):
+    path = checkpoint.resolve(name)
+    if not path.exists():
+        pytest.skip(f"bundled model {path.name} is not installed")
+    state = checkpoint.load(path)
+    assert all(t.dtype == torch.float16 for t in state["generator"].values())
+    assert all(t.dtype == torch.float16 for t in state["refiner"]["generator"].values())
+    meta = state["metadata"]["refiner"]
+    assert meta["rotation_deg"] < 25 and meta["translation_mm"] < 5 and meta["seconds"] > 0
