@@ -115,3 +115,20 @@ def test_schema_checks_the_refiner(cascade, tmp_path, damage, words):
     bad = checkpoint.save(tmp_path / "bad.pt", checkpoint.export_for_inference(state))
     with pytest.raises(ModelError, match=words):
         checkpoint.load(bad)
+
+
+def test_a_first_pass_that_leaves_the_refiners_grid_keeps_that_pass(cascade, tiny_case):
+    """Resampling for the refiner finds no TRUS (G moved it out of view): the registration keeps G's pass."""
+    from airreg.errors import InputError
+
+    reg = Registrar.from_checkpoint(cascade, "cpu", iterations=3)
+    reg.flag_note, reg.input_check = None, None
+
+    def no_overlap(*args):
+        raise InputError("the TRUS volume does not overlap the MR field of view under the start transform")
+
+    reg._refiner_stage = no_overlap
+    result = reg.register(tiny_case.mr, tiny_case.trus)
+    one = Registrar.from_checkpoint(cascade, "cpu").register(tiny_case.mr, tiny_case.trus, iterations=1)
+    assert len(result.steps) == 1 and result.selected_step == 1
+    np.testing.assert_allclose(result.mr_to_trus, one.mr_to_trus, atol=1e-9)

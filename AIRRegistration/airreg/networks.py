@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import ModelError
 
 
 class ResidualBlock(nn.Module):
@@ -113,3 +114,12 @@ class Discriminator(nn.Module):
 def parameter_count(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def load_weights(net: nn.Module, weights: dict, what: str) -> nn.Module:
+    """``net`` with ``weights`` loaded, in eval mode; a ModelError saying ``what`` does not match otherwise."""
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, KeyError) as exc:
+        raise ModelError(what) from exc
+    return net.eval()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .config import ModelConfig
 from .errors import ModelError
-from .networks import Discriminator
+from .networks import Discriminator, load_weights
 from .quality import PatientCheckCalibration
 
 
@@ -30,9 +30,6 @@ def load_network(
         return None
     if state.get("patient_check_calibration") is None:
         raise ModelError(f"{where}: the patient check has no calibration")
-    net = Discriminator(config)
-    try:
-        net.load_state_dict(state["patient_check"])
-    except (RuntimeError, KeyError) as exc:
-        raise ModelError(f"{where}: patient-check weights do not match the model configuration") from exc
-    return net.eval(), PatientCheckCalibration.from_dict(state["patient_check_calibration"])
+    message = f"{where}: patient-check weights do not match the model configuration"
+    net = load_weights(Discriminator(config), state["patient_check"], message)
+    return net, PatientCheckCalibration.from_dict(state["patient_check_calibration"])

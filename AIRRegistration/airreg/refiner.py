@@ -19,7 +19,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .errors import InputError, ModelError
-from .networks import Generator
+from .networks import Generator, load_weights
 
 KEY = "refiner"
 
@@ -32,12 +32,8 @@ def load_network(state: dict, dof: int, where: str) -> tuple[Generator, ModelCon
     config = ModelConfig.from_dict(entry["model_config"])
     if config.dof != dof:
         raise ModelError(f"{where}: the refiner estimates {config.dof} DOF, the model {dof}")
-    net = Generator(config)
-    try:
-        net.load_state_dict(entry["generator"])
-    except (RuntimeError, KeyError) as exc:
-        raise ModelError(f"{where}: refiner weights do not match the refiner's configuration") from exc
-    return net.eval(), config
+    message = f"{where}: refiner weights do not match the refiner's configuration"
+    return load_weights(Generator(config), entry["generator"], message), config
 
 
 def attach(model: str | os.PathLike, refiner: str | os.PathLike, out: str | os.PathLike) -> Path:

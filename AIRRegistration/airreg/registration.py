@@ -27,7 +27,7 @@ from .distributed import select_device
 from .errors import InputError, ModelError
 from .geometry import check_rigid, lps_resampling_to_ras_modeling
 from .intensity import NormalizationSpec
-from .networks import Discriminator, Generator
+from .networks import Discriminator, Generator, load_weights
 from .quality import DEFAULT_TOLERANCE_MM, Calibration, QualityResult, assess
 
 Progress = Callable[[float, str], None]
@@ -148,16 +148,10 @@ class Registrar:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: model configuration is incomplete or invalid ({exc})") from exc
         self.device = select_device(device)
-        self.g, self.d = Generator(self.config), Discriminator(self.config)
-        try:
-            self.g.load_state_dict(state["generator"])
-            self.d.load_state_dict(state["discriminator"])
-        except (RuntimeError, KeyError) as exc:
-            raise ModelError(
-                f"{where}: weights do not match the model configuration stored in the file"
-            ) from exc
-        self.g.to(self.device).eval()
-        self.d.to(self.device).eval()
+        message = f"{where}: weights do not match the model configuration stored in the file"
+        g, d = (state.get(name) or {} for name in ("generator", "discriminator"))
+        self.g = load_weights(Generator(self.config), g, message).to(self.device)
+        self.d = load_weights(Discriminator(self.config), d, message).to(self.device)
         loaded = patient_check.load_network(state, self.config, where)
         self.patient_net, self.patient_check = (None, None) if loaded is None else loaded
         if self.patient_net is not None:
@@ -302,8 +296,12 @@ class Registrar:
         for i in range(n_iter):
             if i == 1 and self.refiner is not None:
                 t_stage = time.perf_counter()
-                stage = self._refiner_stage(mr, trus, pair, current)
-                refiner_resampling = time.perf_counter() - t_stage
+                try:
+                    stage = self._refiner_stage(mr, trus, pair, current)
+                except InputError:  # G's pass left the TRUS outside the refiner's grid: keep the passes so far
+                    break
+                finally:
+                    refiner_resampling = time.perf_counter() - t_stage
             report(0.1 + 0.8 * i / n_iter, f"generator pass {i + 1} of {n_iter}")
             update, current = stage.step(self.config.dof)
             candidates.append(current)
