@@ -298,8 +298,8 @@ class Registrar:
                 t_stage = time.perf_counter()
                 try:
                     stage = self._refiner_stage(mr, trus, pair, current)
-                except InputError:  # G's pass left the TRUS outside the refiner's grid: keep the passes so far
-                    break
+                except InputError:
+                    break  # G's pass left the TRUS outside the refiner's grid: keep the passes so far
                 finally:
                     refiner_resampling = time.perf_counter() - t_stage
             report(0.1 + 0.8 * i / n_iter, f"generator pass {i + 1} of {n_iter}")
