@@ -160,7 +160,7 @@ class Calibration:
         if isinstance(fit, bool):
             return float(fit)
         a, b = fit
-        return float(1.0 / (1.0 + np.exp(-(a + b * critic))))
+        return float(0.5 * (1.0 + np.tanh(0.5 * (a + b * critic))))  # the logistic function, without overflow
 
     def d_score(self, critic: float) -> float:
         """Displayed D-score in (0, 1): the critic value standardised on the calibration set, through a sigmoid."""
