@@ -217,7 +217,7 @@ def test_bundled_model_names_resolve_inside_the_package(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("name", "dof", "other_patient"), [("phantom-3dof", 3, "as-given"), ("phantom-6dof", 6, "registered")]
+    ("name", "dof", "other_patient"), [("phantom-3dof", 3, "as-given"), ("phantom-6dof", 6, "as-given")]
 )
 def test_bundled_models_record_how_their_critic_was_refined(name, dof, other_patient):
     from airreg.training import refined_other_patient
