@@ -25,6 +25,8 @@ DISCLAIMER = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PAPER_ROTATION_DEG, PAPER_TRANSLATION_MM
+
     parser = argparse.ArgumentParser(
         prog="airreg", description="AIR-net MR-TRUS rigid registration with a quality score."
     )
@@ -89,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rotation-deg",
         type=float,
-        default=25.0,
-        help="training starts: rotations uniform in +- this (degrees; paper: 25)",
+        default=PAPER_ROTATION_DEG,
+        help="training starts: rotations uniform in +- this (degrees; default: the paper's 25)",
     )
     p.add_argument(
         "--translation-mm",
         type=float,
-        default=5.0,
-        help="training starts: translations uniform in +- this (mm; paper: 5)",
+        default=PAPER_TRANSLATION_MM,
+        help="training starts: translations uniform in +- this (mm; default: the paper's 5)",
     )
     p.add_argument(
         "--d-fakes", choices=("all", "estimates"), default="all", help="what D is shown as misaligned"
